@@ -1,0 +1,1 @@
+"""DeepGlobe land-cover data: loading, preparation and a synthetic generator."""
