@@ -1,0 +1,272 @@
+"""GLNet: collaborative global-local FPNs (GLNET_SPEC.md sections 1-5).
+
+The module only holds parameters; all per-image state (global features, merged
+local maps) travels through the `Maps` container that the functions below take
+and return. The device is the inputs' device.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.resnet import ResNet50Features
+from utils.geometry import PatchGrid, crop_global, merge_local, normalize_merged
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of x to like's spatial size (align_corners=False, as the original)."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _cat(*xs: torch.Tensor) -> torch.Tensor:
+    return torch.cat(xs, dim=1)
+
+
+class Maps(NamedTuple):
+    """Feature maps of one FPN branch.
+
+    c: (c2, c3, c4, c5) backbone stages; ps0/ps1/ps2: (p5, p4, p3, p2) after the
+    top-down pass and the two smoothing stages; ps3: the concatenated (and for
+    context paths smoothed) map that `classify` sees; output: class logits at 1/4.
+    As context (local canvases for the global branch, global crops for the local
+    branch) only c, ps0, ps1, ps2 are used.
+    """
+
+    c: Sequence[torch.Tensor]
+    ps0: Sequence[torch.Tensor]
+    ps1: Sequence[torch.Tensor]
+    ps2: Sequence[torch.Tensor]
+    ps3: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+    def context(self) -> list[torch.Tensor]:
+        """The 16 maps shared with the other branch, in a fixed order."""
+        return [*self.c, *self.ps0, *self.ps1, *self.ps2]
+
+    @classmethod
+    def from_context(cls, maps: Sequence[torch.Tensor]) -> "Maps":
+        return cls(maps[0:4], maps[4:8], maps[8:12], maps[12:16])
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=k, stride=1, padding=k // 2)
+
+
+class _FPNBase(nn.Module):
+    """Top-down layers shared by both FPNs; `fold` = 2 doubles the input channels
+    where the other branch's maps are concatenated."""
+
+    def _make_layers(self, n_class: int, fold: int, suffix: str, with_classify: bool) -> None:
+        layers = {
+            "toplayer": _conv(2048 * fold, 256, 1),
+            "latlayer1": _conv(1024 * fold, 256, 1),
+            "latlayer2": _conv(512 * fold, 256, 1),
+            "latlayer3": _conv(256 * fold, 256, 1),
+        }
+        for k in range(1, 5):
+            layers[f"smooth{k}_1"] = _conv(256 * fold, 256, 3)
+        for k in range(1, 5):
+            layers[f"smooth{k}_2"] = _conv(256 * fold, 128, 3)
+        for name, layer in layers.items():
+            self.add_module(name + suffix, layer)
+        if with_classify:
+            self.classify = _conv(512, n_class, 3)
+
+    def _init_weights(self) -> None:
+        # GLNET_SPEC.md section 1: FPN convs N(0, 0.01), bias 0.
+        for m in self.children():
+            nn.init.normal_(m.weight, mean=0.0, std=0.01)
+            nn.init.constant_(m.bias, 0.0)
+
+    def _pyramid(self, c, ext: Maps | None, sfx: str) -> Maps:
+        """Top-down pass and the two smoothing stages; with `ext`, the other
+        branch's map at each level is concatenated after the own one."""
+        L = lambda name: getattr(self, name + sfx)  # noqa: E731
+        j = (lambda x, *_: x) if ext is None else (lambda x, e: _cat(x, e))
+        e = ext if ext is not None else Maps([None] * 4, [None] * 4, [None] * 4, [None] * 4)
+        c2, c3, c4, c5 = c
+        p5 = L("toplayer")(j(c5, e.c[3]))
+        p4 = _up(p5, c4) + L("latlayer1")(j(c4, e.c[2]))
+        p3 = _up(p4, c3) + L("latlayer2")(j(c3, e.c[1]))
+        p2 = _up(p3, c2) + L("latlayer3")(j(c2, e.c[0]))
+        ps0 = (p5, p4, p3, p2)
+        ps1 = tuple(L(f"smooth{k + 1}_1")(j(ps0[k], e.ps0[k])) for k in range(4))
+        ps2 = tuple(L(f"smooth{k + 1}_2")(j(ps1[k], e.ps1[k])) for k in range(4))
+        return Maps(c, ps0, ps1, ps2)
+
+    @staticmethod
+    def _concat_levels(ps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """p5, p4, p3 resized to p2's size and concatenated with p2."""
+        p2 = ps[3]
+        return _cat(_up(ps[0], p2), _up(ps[1], p2), _up(ps[2], p2), p2)
+
+
+class FPNGlobal(_FPNBase):
+    """Global FPN (section 2): plain, or with merged local maps as context (`*_ext` layers)."""
+
+    def __init__(self, n_class: int) -> None:
+        super().__init__()
+        self._make_layers(n_class, fold=1, suffix="", with_classify=True)
+        self._make_layers(n_class, fold=2, suffix="_ext", with_classify=False)
+        self.smooth = _conv(1024, 512, 3)
+        self._init_weights()
+
+    def forward(self, c: Sequence[torch.Tensor], local: Maps | None = None) -> Maps:
+        if local is None:
+            m = self._pyramid(c, None, "")
+            ps3 = self._concat_levels(m.ps2)
+        else:
+            m = self._pyramid(c, local, "_ext")
+            ps3 = self.smooth(self._concat_levels([_cat(p, e) for p, e in zip(m.ps2, local.ps2)]))
+        return m._replace(ps3=ps3, output=self.classify(ps3))
+
+
+class FPNLocal(_FPNBase):
+    """Local FPN (section 3): always with global context, already cropped and
+    resized to the local maps' sizes."""
+
+    def __init__(self, n_class: int) -> None:
+        super().__init__()
+        self._make_layers(n_class, fold=2, suffix="", with_classify=True)
+        self.smooth = _conv(1024, 512, 3)
+        self._init_weights()
+
+    def forward(self, c: Sequence[torch.Tensor], glob: Maps) -> Maps:
+        m = self._pyramid(c, glob, "")
+        ps3 = self.smooth(self._concat_levels([_cat(p, g) for p, g in zip(m.ps2, glob.ps2)]))
+        return m._replace(ps3=ps3, output=self.classify(ps3))
+
+
+class GLNet(nn.Module):
+    """The authors' `fpn` module: two ResNet-50s, two FPNs and the ensemble conv.
+
+    Parameter names match the released checkpoints (with a `module.` prefix there).
+    `forward` is the plain global path (mode 1); the other modes are the functions
+    `global2local` and `local2global_*` below.
+    """
+
+    def __init__(self, n_class: int) -> None:
+        super().__init__()
+        self.n_class = n_class
+        self.resnet_global = ResNet50Features()
+        self.resnet_local = ResNet50Features()
+        self.fpn_global = FPNGlobal(n_class)
+        self.fpn_local = FPNLocal(n_class)
+        self.ensemble_conv = _conv(128 * 4 * 2, n_class, 3)
+        nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
+
+    def forward(self, image_global: torch.Tensor) -> torch.Tensor:
+        """Mode 1: class logits at 1/4 of the global image."""
+        return self.global_maps(image_global).output
+
+    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None) -> Maps:
+        """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3)."""
+        return self.fpn_global(self.resnet_global(image_global), local)
+
+    def local_maps(self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int]) -> Maps:
+        """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with
+        crops of one image's global maps `glob` (batch of 1) as context."""
+        c = self.resnet_local(patches)
+        sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
+        crop = lambda f, s: crop_global(f, grid, index, s)  # noqa: E731
+        ctx = Maps(
+            [crop(f, s) for f, s in zip(glob.c, sizes)],
+            *([crop(f, s) for f, s in zip(level, sizes[::-1])] for level in (glob.ps0, glob.ps1, glob.ps2)),
+        )
+        return self.fpn_local(c, ctx)
+
+    def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
+        return self.ensemble_conv(_cat(ps3_local, ps3_global_crop))
+
+
+def global2local(
+    model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mode 2 on one sub-batch of patches of one image (section 5).
+
+    `glob`: that image's global maps (computed once, without grad). Returns
+    (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
+    """
+    loc = model.local_maps(patches, glob, grid, index)
+    ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
+    return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
+
+
+class LocalPass(NamedTuple):
+    """Mode 3, first pass over one image's patches: merged canvases for the global
+    branch, and per patch the local logits and the local ps3 (or, when `ps3` was
+    not kept, the local half of the ensemble conv applied to it)."""
+
+    context: Maps
+    outputs: torch.Tensor
+    ps3: torch.Tensor | None
+    ensemble_local: torch.Tensor | None
+
+
+def local2global_collect(
+    model: GLNet,
+    frozen_glob: Maps,
+    patch_batches,
+    grid: PatchGrid,
+    template: torch.Tensor,
+    keep_ps3: bool = True,
+    store: torch.device | str | None = None,
+    on_batch=None,
+) -> LocalPass:
+    """Mode 3 first pass (section 5): run the model's local branch on every patch
+    with crops of the frozen global model's maps, merging c2..c5, ps0, ps1, ps2
+    into canvases sized like those maps.
+
+    patch_batches yields (index, patches) sub-batches covering the whole grid.
+    keep_ps3: store each patch's ps3 (needed to train ensemble_conv); otherwise
+    store only ensemble_conv's local half applied to it (n_class channels instead
+    of 512), which is all inference needs. `store`: device for the per-patch
+    results (default: the patches' device). `on_batch(index, maps)` sees each
+    sub-batch's local maps (e.g. to accumulate local scores). Runs without grad.
+    """
+    targets = frozen_glob.context()
+    canvases = [t.new_zeros((1, *t.shape[1:])) for t in targets]
+    outputs, kept, ens_local = [], [], []
+    w_local = model.ensemble_conv.weight[:, : 128 * 4]
+    with torch.no_grad():
+        for index, patches in patch_batches:
+            loc = model.local_maps(patches, frozen_glob, grid, index)
+            for canvas, m in zip(canvases, loc.context()):
+                merge_local(canvas, m, grid, index)
+            dev = store if store is not None else loc.output.device
+            outputs.append(loc.output.to(dev))
+            if keep_ps3:
+                kept.append(loc.ps3.to(dev))
+            else:
+                ens_local.append(F.conv2d(loc.ps3, w_local, None, padding=1).to(dev))
+            if on_batch is not None:
+                on_batch(index, loc)
+    context = Maps.from_context([normalize_merged(c, template) for c in canvases])
+    return LocalPass(
+        context,
+        torch.cat(outputs),
+        torch.cat(kept) if keep_ps3 else None,
+        None if keep_ps3 else torch.cat(ens_local),
+    )
+
+
+def local2global_ensemble(
+    model: GLNet, ps3_global: torch.Tensor, grid: PatchGrid, index: Sequence[int],
+    ps3_local: torch.Tensor | None = None, ensemble_local: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mode 3 ensemble logits for patches `index` of one image: ensemble_conv over
+    cat(ps3_l, crop(ps3_g) resized to ps3_l's size). ps3_global: (1, 512, h, w).
+
+    Give either ps3_local (n, 512, hl, wl) or ensemble_local, the precomputed local
+    half of the conv (see `local2global_collect`); the conv is linear, so the two
+    halves add up to the same logits (up to float rounding).
+    """
+    if ps3_local is not None:
+        fg = crop_global(ps3_global, grid, index, ps3_local.shape[-2:])
+        return model.ensemble(ps3_local, fg)
+    fg = crop_global(ps3_global, grid, index, ensemble_local.shape[-2:])
+    conv = model.ensemble_conv
+    return ensemble_local + F.conv2d(fg, conv.weight[:, 128 * 4 :], conv.bias, padding=1)

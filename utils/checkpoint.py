@@ -1,0 +1,103 @@
+"""Checkpoint I/O in the authors' format (GLNET_SPEC.md section 1).
+
+The released `.pth` files are the state dict of the model wrapped in
+`nn.DataParallel`, so every key starts with `module.`. We read prefixed and
+unprefixed files, and write the prefixed format so that files move freely
+between the original code and this one. Writes are atomic (temp file + rename).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+PREFIX = "module."
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`:
+    a crash at any moment leaves either the old file or the new one, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(model: nn.Module, path: str) -> None:
+    """Save the model's state dict with `module.`-prefixed keys (the original format)."""
+    atomic_save({PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint onto the CPU and strip the `module.` prefix."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: not a complete PyTorch file ({str(e).splitlines()[0][:120]})") from e
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a model state dict")
+    return {k.removeprefix(PREFIX): v for k, v in state.items()}
+
+
+def global_keys(key: str) -> bool:
+    """The keys taken from a global checkpoint: every key without 'local' (section 1)."""
+    return "local" not in key
+
+
+def all_keys(key: str) -> bool:
+    return True
+
+
+def load_checkpoint(model: nn.Module, path: str, select: Callable[[str], bool] = all_keys) -> None:
+    """Load the keys of `model` chosen by `select` from `path`, strictly: every chosen
+    key must be in the file with the same shape, and the file must have no key the
+    model lacks. A mismatch is one UserError naming what differs."""
+    state = read_state_dict(path)
+    own = {k: v for k, v in model.state_dict().items() if select(k)}
+    file_classes = _n_class(state)
+    if file_classes is not None and file_classes != _n_class(own):
+        raise UserError(
+            f"the checkpoint {path} has {file_classes} classes but --n_class is {_n_class(own)}"
+        )
+    unexpected = [k for k in state if k not in model.state_dict()]
+    missing = [k for k in own if k not in state]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        raise UserError(f"{path} does not fit GLNet: " + "; ".join(parts))
+    bad = [k for k in own if state[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise UserError(
+            f"{path} does not fit GLNet: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
+        )
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+
+
+def _n_class(state: Mapping[str, torch.Tensor]) -> int | None:
+    for k in ("fpn_global.classify.bias", "fpn_local.classify.bias", "ensemble_conv.bias"):
+        if k in state:
+            return int(state[k].shape[0])
+    return None
