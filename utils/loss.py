@@ -1,0 +1,22 @@
+"""Focal loss of the original (GLNET_SPEC.md section 6)."""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 3.0, eps: float = 1e-7) -> torch.Tensor:
+    """Mean over pixels of -(1 - p_t)^gamma * log(p_t), p_t = softmax probability of the
+    target class clamped to [eps, 1 - eps]. logits (B, C, H, W), target (B, H, W).
+
+    Pixels labelled 255 (padding) are left out of the mean; class 0 is trained like
+    any other class, as in the original.
+    """
+    c = logits.shape[1]
+    logits = logits.permute(0, 2, 3, 1).reshape(-1, c)
+    target = target.reshape(-1).long()
+    keep = target != IGNORE_INDEX
+    if not bool(keep.all()):
+        logits, target = logits[keep], target[keep]
+    p = F.softmax(logits, dim=1).gather(1, target[:, None])[:, 0].clamp(eps, 1.0 - eps)
+    return (-((1.0 - p) ** gamma) * p.log()).mean()
