@@ -1,0 +1,221 @@
+"""GLNet parameters, forward shapes per mode, and gradients per training stage."""
+import os
+
+import pytest
+import torch
+
+import helper
+from models import GLNet
+from models.glnet import global2local, local2global_collect, local2global_ensemble
+from utils.geometry import PatchGrid, coverage_template
+
+KEYS_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "glnet_state_dict_keys.tsv")
+if not os.path.isfile(KEYS_TSV):  # CI clones the repo with shared/ beside it
+    KEYS_TSV = os.path.join(os.path.dirname(__file__), "..", "shared", "reference", "glnet_state_dict_keys.tsv")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GLNet(7).eval()
+
+
+def read_reference():
+    ref = {}
+    with open(KEYS_TSV) as f:
+        for line in f:
+            key, shape, dtype = line.rstrip("\n").split("\t")
+            ref[key] = (() if shape == "()" else tuple(int(s) for s in shape.split("x")), dtype)
+    return ref
+
+
+@pytest.mark.skipif(not os.path.isfile(KEYS_TSV), reason="shared/reference not beside the repository")
+def test_state_dict_matches_authors_checkpoints(model):
+    ref = read_reference()
+    ours = {
+        "module." + k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()
+    }
+    assert len(ref) == 718
+    assert ours == ref
+
+
+def test_five_children_and_init():
+    torch.manual_seed(1)
+    m = GLNet(3)
+    assert [n for n, _ in m.named_children()] == [
+        "resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv"
+    ]
+    # FPN convs ~ N(0, 0.01) with zero bias (GLNET_SPEC.md section 1).
+    w = m.fpn_local.smooth.weight
+    assert abs(w.std().item() - 0.01) < 0.001 and abs(w.mean().item()) < 0.001
+    assert torch.count_nonzero(m.fpn_global.toplayer_ext.bias) == 0
+    assert m.fpn_global.classify.out_channels == 3 and m.ensemble_conv.out_channels == 3
+    assert not hasattr(m.resnet_global, "fc") and not hasattr(m.resnet_global, "avgpool")
+
+
+def test_backbone_strides(model):
+    c = model.resnet_global(torch.rand(1, 3, 128, 96))
+    assert [tuple(x.shape) for x in c] == [(1, 256, 32, 24), (1, 512, 16, 12), (1, 1024, 8, 6), (1, 2048, 4, 3)]
+
+
+def _image(h, w):
+    return (torch.rand(3, h, w) * 255).to(torch.uint8)
+
+
+def test_mode1_shapes(model):
+    with torch.no_grad():
+        g = model.global_maps(torch.rand(2, 3, 64, 64))
+    assert g.output.shape == (2, 7, 16, 16)
+    assert g.ps3.shape == (2, 512, 16, 16)
+    assert [tuple(x.shape[1:]) for x in g.ps0] == [(256, 2, 2), (256, 4, 4), (256, 8, 8), (256, 16, 16)]
+    assert [x.shape[1] for x in g.ps2] == [128] * 4
+    assert torch.equal(model(torch.zeros(1, 3, 64, 64)), model.global_maps(torch.zeros(1, 3, 64, 64)).output)
+
+
+def test_mode2_shapes_and_context_is_used(model):
+    grid = PatchGrid.for_size(160, 200, 128)
+    image = _image(160, 200)
+    with torch.no_grad():
+        glob = model.global_maps(torch.rand(1, 3, 64, 64))
+        index, patches = next(helper.patch_batches(image, grid, 3))
+        ens, out, fmreg = global2local(model, patches, glob, grid, index)
+        # different global context -> different local output
+        glob2 = model.global_maps(torch.rand(1, 3, 64, 64))
+        _, out2, _ = global2local(model, patches, glob2, grid, index)
+    assert index == [0, 1, 2]
+    assert ens.shape == out.shape == (3, 7, 32, 32)
+    assert fmreg.ndim == 0 and fmreg >= 0
+    assert not torch.equal(out, out2)
+
+
+def test_mode2_patch_batching_does_not_change_results(model):
+    grid = PatchGrid.for_size(160, 160, 128)
+    image = _image(160, 160)
+    with torch.no_grad():
+        glob = model.global_maps(torch.rand(1, 3, 64, 64))
+        whole = [global2local(model, p, glob, grid, i)[0] for i, p in helper.patch_batches(image, grid, 4)][0]
+        parts = torch.cat([global2local(model, p, glob, grid, i)[0] for i, p in helper.patch_batches(image, grid, 1)])
+    assert torch.allclose(whole, parts, atol=1e-5)
+
+
+def test_mode3_shapes_and_split_ensemble(model):
+    frozen = GLNet(7).eval()
+    grid = PatchGrid.for_size(160, 200, 128)
+    image = _image(160, 200)
+    ig = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        fglob = frozen.global_maps(ig)
+        tpl = coverage_template(grid)
+        kept = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep_ps3=True)
+        split = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep_ps3=False)
+        glob = model.global_maps(ig, kept.context)
+        full = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ps3_local=kept.ps3)
+        halves = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ensemble_local=split.ensemble_local)
+    assert len(grid) == 4
+    # canvases are sized like the frozen global maps
+    assert [tuple(m.shape) for m in kept.context.c] == [tuple(m.shape) for m in fglob.c]
+    assert [tuple(m.shape) for m in kept.context.ps2] == [tuple(m.shape) for m in fglob.ps2]
+    assert kept.outputs.shape == (4, 7, 32, 32) and kept.ps3.shape == (4, 512, 32, 32)
+    assert split.ensemble_local.shape == (4, 7, 32, 32)
+    assert glob.output.shape == (1, 7, 16, 16)
+    assert full.shape == (4, 7, 32, 32)
+    assert torch.allclose(full, halves, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_predict_scores_shapes(model, mode):
+    frozen = GLNet(7).eval() if mode == 3 else None
+    s = helper.predict_scores(model, mode, _image(160, 200), torch.rand(1, 3, 64, 64), 128, 3, frozen)
+    assert s.global_.shape == (1, 7, 16, 16)
+    if mode == 1:
+        assert s.local is None and s.aggregated is None
+    else:
+        assert s.local.shape == s.aggregated.shape == (7, 160, 200)
+        assert torch.isfinite(s.aggregated).all()
+
+
+def _batch(sizes, size_g=64):
+    images = [_image(h, w) for h, w in sizes]
+    labels = [torch.randint(0, 7, (h, w), dtype=torch.uint8) for h, w in sizes]
+    return {
+        "image": images,
+        "label": labels,
+        "image_global": torch.rand(len(sizes), 3, size_g, size_g),
+        "label_global": torch.randint(0, 7, (len(sizes), size_g // 4, size_g // 4)),
+    }
+
+
+# Parameters each stage trains that its forward never uses, so they get no gradient:
+# the context layers of fpn_global in mode 1, its plain layers in mode 3, ensemble_conv in mode 1.
+PLAIN_GLOBAL = ("toplayer.", "latlayer1.", "latlayer2.", "latlayer3.") + tuple(
+    f"smooth{k}_{j}." for k in range(1, 5) for j in (1, 2)
+)
+
+
+def _unused(mode, name):
+    if mode == 1:
+        return name.startswith("ensemble_conv") or (name.startswith("fpn_global.") and ("_ext" in name or name.startswith("fpn_global.smooth.")))
+    if mode == 3:
+        return name.startswith("fpn_global.") and name.removeprefix("fpn_global.").startswith(PLAIN_GLOBAL)
+    return False
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_backward_per_stage(mode):
+    torch.manual_seed(0)
+    model = GLNet(7)
+    frozen = GLNet(7).eval() if mode == 3 else None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    helper.configure_stage(model, mode)
+    helper.set_train_mode(model, mode)
+    cms = {k: helper.ConfusionMatrix(7) for k in helper.OUTPUTS[mode]}
+    out = helper.TRAIN_STEPS[mode](
+        model, _batch([(160, 160), (128, 200)]), torch.device("cpu"), cms,
+        size_p=128, sub_batch=3, lamb_fmreg=0.15, frozen=frozen,
+    )
+    assert torch.isfinite(out["loss"])
+    trained = helper.TRAINED_PARTS[mode]
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        if part not in trained:
+            assert not p.requires_grad and p.grad is None, name
+        elif _unused(mode, name):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+    # Frozen parts' BatchNorm statistics did not move during the forward passes.
+    for name, v in model.state_dict().items():
+        if name.split(".")[0] not in trained:
+            assert torch.equal(v, before[name]), name
+
+
+def test_mode3_single_backward_equals_per_subbatch_backward():
+    """The one-pass gradient of mode 3 equals the original's backward per sub-batch."""
+    torch.manual_seed(0)
+    model = GLNet(7)
+    frozen = GLNet(7).eval()
+    helper.configure_stage(model, 3)
+    batch = _batch([(160, 160)])
+    cms = {k: helper.ConfusionMatrix(7) for k in helper.OUTPUTS[3]}
+    # BatchNorm in eval so that the two forward passes are identical
+    model.eval()
+    helper.TRAIN_STEPS[3](model, batch, torch.device("cpu"), cms, size_p=128, sub_batch=2, frozen=frozen)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    # The original's way: the global loss and each ensemble loss backpropagate separately.
+    image, label = batch["image"][0], batch["label"][0]
+    grid = PatchGrid.for_size(160, 160, 128)
+    with torch.no_grad():
+        fglob = frozen.global_maps(batch["image_global"])
+    lp = local2global_collect(model, fglob, helper.patch_batches(image, grid, 2), grid, coverage_template(grid))
+    glob = model.global_maps(batch["image_global"], lp.context)
+    helper.focal_loss(glob.output, batch["label_global"]).backward(retain_graph=True)
+    for index in helper.sub_batches(len(grid), 2):
+        ens = local2global_ensemble(model, glob.ps3, grid, index, ps3_local=lp.ps3[index])
+        helper.focal_loss(ens, helper.patch_labels(label, grid, index)).backward(retain_graph=True)
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == ref.keys()
+    for n in ref:
+        assert torch.allclose(ours[n], ref[n], rtol=1e-4, atol=1e-7), n
