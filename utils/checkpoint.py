@@ -8,9 +8,7 @@ between the original code and this one. Writes are atomic (temp file + rename).
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from typing import Callable, Mapping
 
 import torch
@@ -49,8 +47,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: not a complete PyTorch file ({str(e).splitlines()[0][:120]})") from e
+    except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
+        raise UserError(f"cannot read checkpoint {path}: not a complete PyTorch file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from e
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

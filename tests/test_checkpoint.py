@@ -1,0 +1,113 @@
+"""Checkpoint I/O: the authors' prefixed format, unprefixed files, clear errors."""
+import pytest
+import torch
+
+from models import GLNet
+from utils.checkpoint import global_keys, load_checkpoint, read_state_dict, save_state_dict
+from utils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(3)
+    m = GLNet(7)
+    path = tmp_path_factory.mktemp("ckpt") / "g.pth"
+    save_state_dict(m, str(path))
+    return m, path
+
+
+def _equal(a, b, select=lambda k: True):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if select(k))
+
+
+def test_saved_file_is_prefixed_plain_state_dict(saved):
+    _, path = saved
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert len(raw) == 718
+    assert all(k.startswith("module.") for k in raw)
+    assert "module.fpn_local.classify.weight" in raw
+
+
+def test_round_trip_prefixed(saved):
+    m, path = saved
+    other = GLNet(7)
+    assert not _equal(m, other)
+    load_checkpoint(other, str(path))
+    assert _equal(m, other)
+
+
+def test_round_trip_unprefixed(saved, tmp_path):
+    m, _ = saved
+    path = tmp_path / "plain.pth"
+    torch.save(m.state_dict(), path)
+    other = GLNet(7)
+    load_checkpoint(other, str(path))
+    assert _equal(m, other)
+
+
+def test_global_keys_only(saved):
+    m, path = saved
+    torch.manual_seed(9)
+    other = GLNet(7)
+    local_before = {k: v.clone() for k, v in other.state_dict().items() if "local" in k}
+    load_checkpoint(other, str(path), global_keys)
+    assert _equal(m, other, lambda k: "local" not in k)
+    # ensemble_conv has no 'local' in its name: it comes from the global file too
+    assert torch.equal(other.ensemble_conv.weight, m.ensemble_conv.weight)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in local_before.items())
+
+
+def test_global_keys_from_a_global_only_file(saved, tmp_path):
+    # A file that lacks the local branch is enough for a global load, not for a full one.
+    m, _ = saved
+    path = tmp_path / "global_only.pth"
+    torch.save({"module." + k: v for k, v in m.state_dict().items() if "local" not in k}, path)
+    load_checkpoint(GLNet(7), str(path), global_keys)
+    with pytest.raises(UserError, match="missing keys"):
+        load_checkpoint(GLNet(7), str(path))
+
+
+def test_wrong_class_count(saved):
+    _, path = saved
+    with pytest.raises(UserError, match="has 7 classes but --n_class is 2"):
+        load_checkpoint(GLNet(2), str(path))
+
+
+def test_unexpected_and_missing_keys_are_named(saved, tmp_path):
+    m, _ = saved
+    state = {"module." + k: v for k, v in m.state_dict().items()}
+    state["module.extra.weight"] = torch.zeros(1)
+    del state["module.fpn_local.smooth.bias"]
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(GLNet(7), str(path))
+    msg = str(e.value)
+    assert "fpn_local.smooth.bias" in msg and "extra.weight" in msg and "\n" not in msg
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        read_state_dict(str(bad))
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("hello")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(GLNet(7), str(bad))
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(GLNet(7), str(tmp_path / "missing.pth"))
+
+
+def test_atomic_save_leaves_no_temp_files(saved, tmp_path):
+    m, _ = saved
+    path = tmp_path / "a.pth"
+    save_state_dict(m, str(path))
+    save_state_dict(m, str(path))  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth"]
