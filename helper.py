@@ -9,6 +9,7 @@ device; patches are sliced from the decoded uint8 image and run in sub-batches.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -62,6 +63,20 @@ def set_train_mode(model: GLNet, mode: int) -> None:
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=5e-4)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str | None):
+    """torch.autocast for --amp bf16/fp16, or nothing (fp32, the default)."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _backward(loss: torch.Tensor, scaler=None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 # ----------------------------------------------------------------------------- patches
@@ -214,6 +229,7 @@ def evaluate(
     with_labels: bool = True,
     progress: bool = True,
     desc: str = "evaluation",
+    amp: str | None = None,
 ) -> tuple[dict[str, ConfusionMatrix], dict[str, Any] | None]:
     """Predict every image of `loader`; return a confusion matrix per output and the
     first image with its label and predictions (for TensorBoard)."""
@@ -229,7 +245,8 @@ def evaluate(
         for b, image in enumerate(batch["image"]):
             image = image.to(device, non_blocking=True)
             ig = batch["image_global"][b : b + 1].to(device, non_blocking=True)
-            preds = predict(model, mode, image, ig, size_p, sub_batch, frozen, tta)
+            with autocast(device, amp):
+                preds = predict(model, mode, image, ig, size_p, sub_batch, frozen, tta)
             h, w = batch["size"][b]
             preds = {k: v[:h, :w] for k, v in preds.items()}  # drop the padding
             if with_labels:
@@ -252,17 +269,17 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- training
 
-def _train_step_mode1(model, batch, device, cms, **_):
+def _train_step_mode1(model, batch, device, cms, scaler=None, **_):
     ig = batch["image_global"].to(device, non_blocking=True)
     lg = batch["label_global"].to(device, non_blocking=True)
     out = model(ig)
     loss = focal_loss(out, lg)
-    loss.backward()
+    _backward(loss, scaler)
     cms["global"].update(lg, out.detach().argmax(1))
     return {"loss": loss.detach()}
 
 
-def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, **_):
+def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, scaler=None, **_):
     """Gradients accumulate over all sub-batches of all images; one optimizer step after."""
     ig = batch["image_global"].to(device, non_blocking=True)
     total = torch.zeros((), device=device)
@@ -277,14 +294,14 @@ def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, 
             y = patch_labels(label, grid, index)
             ens, out, fmreg = global2local(model, patches, glob, grid, index)
             loss = focal_loss(out, y) + focal_loss(ens, y) + lamb_fmreg * fmreg
-            loss.backward()
+            _backward(loss, scaler)
             total += loss.detach()
             cms["local"].update(y, out.detach().argmax(1))
             cms["aggregated"].update(y, ens.detach().argmax(1))
     return {"loss": total}
 
 
-def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, **_):
+def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, scaler=None, **_):
     """loss = focal(output_g) + sum over sub-batches of focal(ensemble).
 
     The original calls backward through the whole global branch once per sub-batch
@@ -320,10 +337,12 @@ def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, **_)
             y = patch_labels(label, grid, index)
             ens = local2global_ensemble(model, ps3_g[b : b + 1], grid, index, ps3_local=lp.ps3[index].to(device))
             loss = focal_loss(ens, y)
-            loss.backward()
+            _backward(loss, scaler)
             total += loss.detach()
             cms["local"].update(y, lp.outputs[index].to(device).argmax(1))
             cms["aggregated"].update(y, ens.detach().argmax(1))
+    if scaler is not None:
+        loss_g = scaler.scale(loss_g)
     torch.autograd.backward([loss_g, glob.ps3], [torch.ones_like(loss_g), ps3_g.grad])
     return {"loss": total}
 
@@ -351,6 +370,8 @@ def train_one_epoch(
     frozen: GLNet | None = None,
     progress: bool = True,
     on_iteration=None,
+    amp: str | None = None,
+    scaler=None,
 ) -> dict[str, float]:
     """One epoch: poly lr per iteration, one optimizer step per batch. Returns the mean
     loss and the train mIoU of each output (at the loss resolution, 1/4)."""
@@ -365,12 +386,18 @@ def train_one_epoch(
     for i, batch in enumerate(bar):
         lr = poly_lr(base_lr, epoch, i, iters, num_epochs)
         set_lr(optimizer, lr)
-        out = step(model, batch, device, cms, size_p=size_p, sub_batch=sub_batch, lamb_fmreg=lamb_fmreg, frozen=frozen)
+        with autocast(device, amp):
+            out = step(model, batch, device, cms, size_p=size_p, sub_batch=sub_batch, lamb_fmreg=lamb_fmreg,
+                       frozen=frozen, scaler=scaler)
         loss = float(out["loss"])
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(f"non-finite loss {loss} at epoch {epoch + 1}, iteration {i + 1}")
-        optimizer.step()
+        if scaler is not None:  # fp16: skips the step when gradients overflowed
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss
         n += 1

@@ -228,7 +228,8 @@ def local2global_collect(
     sub-batch's local maps (e.g. to accumulate local scores). Runs without grad.
     """
     targets = frozen_glob.context()
-    canvases = [t.new_zeros((1, *t.shape[1:])) for t in targets]
+    # float32 canvases, also under autocast: they sum many patches
+    canvases = [t.new_zeros((1, *t.shape[1:]), dtype=torch.float32) for t in targets]
     outputs, kept, ens_local = [], [], []
     w_local = model.ensemble_conv.weight[:, : 128 * 4]
     with torch.no_grad():
