@@ -463,3 +463,13 @@ def test_loader_error_corrupt_jpeg(tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a jpeg at all" * 10)
     with pytest.raises(UserError, match=r"1_sat\.jpg"):
         _load_all(tmp_path)
+
+
+def test_focal_loss_all_ignored_is_zero_not_nan():
+    from utils.loss import focal_loss
+
+    logits = torch.zeros(1, 7, 2, 2, requires_grad=True)
+    loss = focal_loss(logits, torch.full((1, 2, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))

@@ -17,6 +17,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 3.0, e
     target = target.reshape(-1).long()
     keep = target != IGNORE_INDEX
     if not bool(keep.all()):
+        if not bool(keep.any()):  # nothing to learn from (e.g. an all-ignore crop): zero, not NaN
+            return logits.sum() * 0.0
         logits, target = logits[keep], target[keep]
     p = F.softmax(logits, dim=1).gather(1, target[:, None])[:, 0].clamp(eps, 1.0 - eps)
     return (-((1.0 - p) ** gamma) * p.log()).mean()
