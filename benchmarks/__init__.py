@@ -1,0 +1,299 @@
+"""Shared pieces of the benchmark scripts: machine description, memory readings, result files.
+
+Memory figures are in MiB. On Linux `ru_maxrss` is in KiB and is the peak of the whole process
+life (model build and warm-up included); `VmHWM` is the same peak, but it can be reset
+(`/proc/self/clear_refs`), which gives the peak of the timed part alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+from typing import Any, Iterable, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'2448' -> (2448, 2448); '1224x2448' -> (1224, 2448) as (H, W)."""
+    import argparse
+
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"bad image size {text!r}: use N (square) or HxW, e.g. 2448 or 1224x2448")
+    return parts[0], parts[1]
+
+
+def command_line() -> str:
+    return shlex.join([os.path.basename(sys.executable)] + sys.argv)
+
+
+# ----------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str | None:
+    """Short commit of the repository, with '+dirty' when tracked files differ from it."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device) -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": cpu_model(),
+        "git": git_revision(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _kib_to_mib(kib: float) -> float:
+    return round(kib / 1024, 1)
+
+
+def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    """ru_maxrss (KiB on Linux) in MiB: the lifetime peak of this process (or, for
+    RUSAGE_CHILDREN, of the largest waited-for child)."""
+    return _kib_to_mib(resource.getrusage(who).ru_maxrss)
+
+
+def _status_kib(field: str, pid: int | str = "self") -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mib() -> float | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else _kib_to_mib(kib)
+
+
+def hwm_mib() -> float | None:
+    """Peak RSS since the process start or the last `reset_peak_rss()` (VmHWM)."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else _kib_to_mib(kib)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _pss_bytes(pid: int) -> int | None:
+    """Proportional set size (shared pages split between their users), or None."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def process_tree_memory_mib(root: int) -> float:
+    """Memory of `root` and all its descendants (e.g. DataLoader workers): the sum of their
+    proportional set sizes, so that pages a forked worker shares with its parent count once.
+    Where smaps_rollup cannot be read, the RSS is summed instead (an upper bound)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        pss = _pss_bytes(pid)
+        if pss is not None:
+            total += pss
+            continue
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return round(total / 2**20, 1)
+
+
+def cuda_memory(device) -> dict[str, float | None]:
+    """Peak CUDA memory since the last reset_peak_memory_stats, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return {"cuda_max_allocated_mib": None, "cuda_max_reserved_mib": None}
+    import torch
+
+    return {
+        "cuda_max_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        "cuda_max_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- running
+
+def setup_torch(device_name: str | None, threads: int | None):
+    """The torch device (cuda when available by default) with `threads` intra-op threads."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            sys.exit(f"error: --threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        sys.exit(f"error: --device {device_name!r} is not a torch device ({e})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device {device_name} asked for, but CUDA is not available here; use --device cpu")
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                sys.exit(f"error: --device {device_name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # as train_deep_globe.main
+    return device
+
+
+def autocast(device, precision: str):
+    """torch.autocast for bf16/fp16 on the device; a null context for fp32."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def build_glnet(n_class: int, mode: int, device, channels_last: bool = False, keep_frozen_state: bool = False):
+    """Deterministic random-init models: GLNet(n_class) after manual_seed(0) and, for mode 3,
+    a second GLNet as the frozen global model with its local parts dropped (as
+    train_deep_globe.build_models does). Returns (model, frozen, frozen_state): with
+    `keep_frozen_state`, the frozen model's full state dict from before the drop (to save it as
+    a checkpoint), otherwise None."""
+    import torch
+
+    from models import GLNet
+
+    torch.manual_seed(0)
+    model = GLNet(n_class)
+    frozen, frozen_state = None, None
+    if mode == 3:
+        frozen = GLNet(n_class)
+        if keep_frozen_state:
+            frozen_state = frozen.state_dict()
+        frozen.resnet_local = frozen.fpn_local = None  # only its global branch is used
+        frozen.requires_grad_(False)
+        frozen.to(device).eval()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if frozen is not None:
+            frozen.to(memory_format=torch.channels_last)
+    return model, frozen, frozen_state
+
+
+# ----------------------------------------------------------------------------- output
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Iterable[tuple[str, str]]) -> str:
+    """Plain-text table: `columns` = (header, key) pairs."""
+    columns = list(columns)
+    cells = [[h for h, _ in columns]] + [[_cell(r.get(k)) for _, k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stats(values: Sequence[float]) -> dict[str, float | None]:
+    """mean / median / min / max of per-item seconds (None when empty)."""
+    if not values:
+        return {"mean": None, "median": None, "min": None, "max": None}
+    s = sorted(values)
+    n = len(s)
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return {"mean": sum(s) / n, "median": median, "min": s[0], "max": s[-1]}
