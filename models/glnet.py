@@ -98,10 +98,23 @@ class _FPNBase(nn.Module):
         return Maps(c, ps0, ps1, ps2)
 
     @staticmethod
-    def _concat_levels(ps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """p5, p4, p3 resized to p2's size and concatenated with p2."""
-        p2 = ps[3]
-        return _cat(_up(ps[0], p2), _up(ps[1], p2), _up(ps[2], p2), p2)
+    def _concat_levels(own: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """concat(up(p5), up(p4), up(p3), p2) at p2's size, each level being cat(own, other)
+        when `other` is given. Written part by part into one buffer: the same values as
+        resizing the concatenated levels, without holding the parts and the result at once
+        (resizing acts per channel, so up(cat(a, b)) == cat(up(a), up(b)))."""
+        parts = [[x] if other is None else [x, other[k]] for k, x in enumerate(own)]
+        ref = own[3]
+        n, _, h, w = ref.shape
+        width = sum(x.shape[1] for level in parts for x in level)
+        out = ref.new_empty((n, width, h, w))
+        at = 0
+        for k, level in enumerate(parts):
+            for x in level:
+                x = x if k == 3 else _up(x, ref)
+                out[:, at : at + x.shape[1]] = x
+                at += x.shape[1]
+        return out
 
 
 class FPNGlobal(_FPNBase):
@@ -120,7 +133,7 @@ class FPNGlobal(_FPNBase):
             ps3 = self._concat_levels(m.ps2)
         else:
             m = self._pyramid(c, local, "_ext")
-            ps3 = self.smooth(self._concat_levels([_cat(p, e) for p, e in zip(m.ps2, local.ps2)]))
+            ps3 = self.smooth(self._concat_levels(m.ps2, local.ps2))
         return m._replace(ps3=ps3, output=self.classify(ps3))
 
 
@@ -136,8 +149,22 @@ class FPNLocal(_FPNBase):
 
     def forward(self, c: Sequence[torch.Tensor], glob: Maps) -> Maps:
         m = self._pyramid(c, glob, "")
-        ps3 = self.smooth(self._concat_levels([_cat(p, g) for p, g in zip(m.ps2, glob.ps2)]))
+        ps3 = self.smooth(self._concat_levels(m.ps2, glob.ps2))
         return m._replace(ps3=ps3, output=self.classify(ps3))
+
+
+class _Crops:
+    """Global maps cropped to patches and resized to the local sizes, made when a
+    level is used: the FPN uses each once, so only one crop is alive at a time."""
+
+    def __init__(self, maps, sizes, grid: PatchGrid, index: Sequence[int]) -> None:
+        self.maps, self.sizes, self.grid, self.index = maps, sizes, grid, index
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return crop_global(self.maps[k], self.grid, self.index, self.sizes[k])
 
 
 class GLNet(nn.Module):
@@ -148,13 +175,15 @@ class GLNet(nn.Module):
     `global2local` and `local2global_*` below.
     """
 
-    def __init__(self, n_class: int) -> None:
+    def __init__(self, n_class: int, local: bool = True) -> None:
+        """local=False leaves out the local branch (resnet_local, fpn_local are None):
+        the frozen global model of mode 3 needs only the global parts."""
         super().__init__()
         self.n_class = n_class
         self.resnet_global = ResNet50Features()
-        self.resnet_local = ResNet50Features()
+        self.resnet_local = ResNet50Features() if local else None
         self.fpn_global = FPNGlobal(n_class)
-        self.fpn_local = FPNLocal(n_class)
+        self.fpn_local = FPNLocal(n_class) if local else None
         self.ensemble_conv = _conv(128 * 4 * 2, n_class, 3)
         nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
 
@@ -171,10 +200,9 @@ class GLNet(nn.Module):
         crops of one image's global maps `glob` (batch of 1) as context."""
         c = self.resnet_local(patches)
         sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
-        crop = lambda f, s: crop_global(f, grid, index, s)  # noqa: E731
         ctx = Maps(
-            [crop(f, s) for f, s in zip(glob.c, sizes)],
-            *([crop(f, s) for f, s in zip(level, sizes[::-1])] for level in (glob.ps0, glob.ps1, glob.ps2)),
+            _Crops(glob.c, sizes, grid, index),
+            *(_Crops(level, sizes[::-1], grid, index) for level in (glob.ps0, glob.ps1, glob.ps2)),
         )
         return self.fpn_local(c, ctx)
 

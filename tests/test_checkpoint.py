@@ -111,3 +111,21 @@ def test_atomic_save_leaves_no_temp_files(saved, tmp_path):
     save_state_dict(m, str(path))
     save_state_dict(m, str(path))  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth"]
+
+
+def test_legacy_format_file_loads(saved, tmp_path):
+    # The authors' checkpoints predate torch's zip format.
+    m, _ = saved
+    path = tmp_path / "legacy.pth"
+    torch.save({"module." + k: v for k, v in m.state_dict().items()}, path, _use_new_zipfile_serialization=False)
+    other = GLNet(7)
+    load_checkpoint(other, str(path))
+    assert _equal(m, other)
+
+
+def test_global_only_model_takes_global_keys_of_a_full_file(saved):
+    m, path = saved
+    g = GLNet(7, local=False)
+    assert g.resnet_local is None and g.fpn_local is None
+    load_checkpoint(g, str(path), global_keys)
+    assert _equal(m, g, lambda k: "local" not in k)

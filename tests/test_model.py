@@ -128,7 +128,8 @@ def test_predict_scores_shapes(model, mode):
     if mode == 1:
         assert s.local is None and s.aggregated is None
     else:
-        assert s.local.shape == s.aggregated.shape == (7, 160, 200)
+        assert s.stride == 4  # starts 0, 32 and 0, 72 are multiples of 4
+        assert s.local.shape == s.aggregated.shape == (7, 40, 50)
         assert torch.isfinite(s.aggregated).all()
 
 
@@ -217,3 +218,26 @@ def test_mode3_single_backward_equals_per_subbatch_backward():
     assert ours.keys() == ref.keys()
     for n in ref:
         assert torch.allclose(ours[n], ref[n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize("mode", [2, 3])
+def test_quarter_resolution_canvases_equal_full_resolution(model, mode, monkeypatch):
+    # 240 px with 128 px patches: starts 0, 56, 112 (multiples of 4), so scores are
+    # summed at 1/4; forcing the full-resolution sum must give the very same result.
+    frozen = GLNet(7).eval() if mode == 3 else None
+    image, ig = _image(240, 240), torch.rand(1, 3, 64, 64)
+    grid = PatchGrid.for_size(240, 240, 128)
+    assert helper.score_grid(grid)[1] == 4
+    fast = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    assert fast.stride == 4 and fast.local.shape == (7, 60, 60)
+    monkeypatch.setattr(helper, "score_grid", lambda g: (g, 1))
+    full = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    assert full.stride == 1 and full.local.shape == (7, 240, 240)
+    for name in ("local", "aggregated"):
+        assert torch.equal(helper.upsample_canvas(getattr(fast, name), 4), getattr(full, name))
+
+
+def test_score_grid_falls_back_when_unaligned():
+    assert helper.score_grid(PatchGrid.for_size(2448, 2448, 508))[1] == 4
+    assert helper.score_grid(PatchGrid.for_size(360, 420, 128))[1] == 1  # start 77
+    assert helper.score_grid(PatchGrid.for_size(250, 250, 126))[1] == 1  # patch not /4

@@ -7,8 +7,11 @@ between the original code and this one. Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
+import zipfile
+import secrets
+import shutil
 from typing import Callable, Mapping
 
 import torch
@@ -19,14 +22,20 @@ from utils.errors import UserError
 PREFIX = "module."
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`:
-    a crash at any moment leaves either the old file or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+def _temp_name(path: str) -> str:
+    """A fresh name next to `path` (same folder, so the rename stays on one file system)."""
+    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _write_atomically(path: str, write: Callable) -> None:
+    """write(file) into a temporary file next to `path`, fsync, then rename over `path`:
+    a crash at any moment leaves either the old file or the new one, never half.
+    The file gets the usual permissions (0666 minus the umask), unlike mkstemp's 0600."""
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,6 +43,38 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Make `dst` a copy of `src` atomically: a hard link when the file system allows
+    (no second write of a large file; later atomic saves replace, never modify, a file),
+    else a byte copy."""
+    tmp = _temp_name(dst)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    with open(src, "rb") as f_src:
+        _write_atomically(dst, lambda f: shutil.copyfileobj(f_src, f, 16 << 20))
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Delete temporary files that a killed writer of `path` left behind; returns their names."""
+    stale = glob.glob(glob.escape(path) + ".*.tmp")
+    for name in stale:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return stale
 
 
 def save_state_dict(model: nn.Module, path: str) -> None:
@@ -46,7 +87,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file as they are copied into the model,
+        # instead of holding a second full copy of the weights in memory.
+        # (The authors' files from torch 0.4 are in the legacy format, which cannot be mapped.)
+        mmap = zipfile.is_zipfile(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
         raise UserError(f"cannot read checkpoint {path}: not a complete PyTorch file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from e
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -76,7 +121,9 @@ def load_checkpoint(model: nn.Module, path: str, select: Callable[[str], bool] =
         raise UserError(
             f"the checkpoint {path} has {file_classes} classes but --n_class is {_n_class(own)}"
         )
-    unexpected = [k for k in state if k not in model.state_dict()]
+    # Keys outside the selection (e.g. the local branch when only global keys are
+    # taken) are not looked at; among the selected ones, all must match.
+    unexpected = [k for k in state if select(k) and k not in own]
     missing = [k for k in own if k not in state]
     if missing or unexpected:
         parts = []
