@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Evaluate a trained GLNet stage on data_path/crossvali (--evaluation):
+#   MODE=1 global (PATH_G), MODE=2 global2local (PATH_G2L), MODE=3 full GLNet
+#   (PATH_L2G with the frozen global model PATH_G; the default).
+# Per-class IoU and mIoU are printed and written to <LOG_PATH>/<TASK_NAME>.metrics.json.
+# Extra arguments are passed on, e.g. --predictions_dir DIR, --test, --tta:
+#   MODE=3 ./eval_deep_globe.sh --predictions_dir predictions --tta
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+MODE="${MODE:-3}"
+case "$MODE" in
+    1) default_task=fpn_deepglobe_global ;;
+    2) default_task=fpn_deepglobe_global2local ;;
+    3) default_task=fpn_deepglobe_local2global ;;
+    *) echo "eval_deep_globe.sh: MODE must be 1, 2 or 3, got '$MODE'" >&2; exit 2 ;;
+esac
+
+read -r -a python <<< "${PYTHON:-python}"
+args=(
+    --mode "$MODE"
+    --evaluation
+    --n_class "${N_CLASS:-7}"
+    --data_path "${DATA_PATH:-./data/deep_globe/}"
+    --model_path "${MODEL_PATH:-./saved_models/}"
+    --log_path "${LOG_PATH:-./runs/}"
+    --task_name "${TASK_NAME:-$default_task}"
+    --batch_size "${BATCH_SIZE:-6}"
+    --sub_batch_size "${SUB_BATCH_SIZE:-6}"
+    --size_g "${SIZE_G:-508}"
+    --size_p "${SIZE_P:-508}"
+    --path_g "${PATH_G:-fpn_deepglobe_global.pth}"
+    --path_g2l "${PATH_G2L:-fpn_deepglobe_global2local.pth}"
+    --path_l2g "${PATH_L2G:-fpn_deepglobe_local2global.pth}"
+)
+if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
+if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
+
+exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"

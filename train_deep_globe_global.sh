@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Stage 1 of GLNet: train the global branch alone (mode 1) on downsampled images.
+# Paper defaults; override with environment variables, e.g.
+#   DATA_PATH=data/deep_globe NUM_EPOCHS=10 ./train_deep_globe_global.sh --num_workers 4
+# Extra arguments are passed on to train_deep_globe.py (see python train_deep_globe.py --help).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+read -r -a python <<< "${PYTHON:-python}"
+args=(
+    --mode 1
+    --n_class "${N_CLASS:-7}"
+    --data_path "${DATA_PATH:-./data/deep_globe/}"
+    --model_path "${MODEL_PATH:-./saved_models/}"
+    --log_path "${LOG_PATH:-./runs/}"
+    --task_name "${TASK_NAME:-fpn_deepglobe_global}"
+    --batch_size "${BATCH_SIZE:-6}"
+    --sub_batch_size "${SUB_BATCH_SIZE:-6}"
+    --size_g "${SIZE_G:-508}"
+    --size_p "${SIZE_P:-508}"
+)
+# Left out unless set: train_deep_globe.py then uses its per-mode defaults.
+if [[ -n "${NUM_EPOCHS:-}" ]]; then args+=(--num_epochs "$NUM_EPOCHS"); fi
+if [[ -n "${LR:-}" ]]; then args+=(--lr "$LR"); fi
+if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
+if [[ -n "${BACKBONE_WEIGHTS:-}" ]]; then args+=(--backbone_weights "$BACKBONE_WEIGHTS"); fi
+if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
+if [[ -n "${SEED:-}" ]]; then args+=(--seed "$SEED"); fi
+
+exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"

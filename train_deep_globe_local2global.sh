@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Stage 3 of GLNet: retrain the global branch with the frozen local branch of
+# stage 2 (PATH_G2L) as context; the stage-1 model (PATH_G) gives the local
+# branch its global context (mode 3).
+# Paper defaults; override with environment variables, e.g.
+#   DATA_PATH=data/deep_globe NUM_EPOCHS=10 ./train_deep_globe_local2global.sh --num_workers 4
+# Extra arguments are passed on to train_deep_globe.py (see python train_deep_globe.py --help).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+read -r -a python <<< "${PYTHON:-python}"
+args=(
+    --mode 3
+    --n_class "${N_CLASS:-7}"
+    --data_path "${DATA_PATH:-./data/deep_globe/}"
+    --model_path "${MODEL_PATH:-./saved_models/}"
+    --log_path "${LOG_PATH:-./runs/}"
+    --task_name "${TASK_NAME:-fpn_deepglobe_local2global}"
+    --batch_size "${BATCH_SIZE:-6}"
+    --sub_batch_size "${SUB_BATCH_SIZE:-6}"
+    --size_g "${SIZE_G:-508}"
+    --size_p "${SIZE_P:-508}"
+    --path_g "${PATH_G:-fpn_deepglobe_global.pth}"
+    --path_g2l "${PATH_G2L:-fpn_deepglobe_global2local.pth}"
+)
+# Left out unless set: train_deep_globe.py then uses its per-mode defaults.
+if [[ -n "${NUM_EPOCHS:-}" ]]; then args+=(--num_epochs "$NUM_EPOCHS"); fi
+if [[ -n "${LR:-}" ]]; then args+=(--lr "$LR"); fi
+if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
+if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
+if [[ -n "${SEED:-}" ]]; then args+=(--seed "$SEED"); fi
+
+exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"
