@@ -168,7 +168,8 @@ def predict_scores(
     if mode == 2:
         glob = model.global_maps(image_global)
         for index, patches in patch_batches(image, grid, sub_batch):
-            ens, out, _ = global2local(model, patches, glob, grid, index)
+            # the sink drops the local maps that inference does not need, early
+            ens, out, _ = global2local(model, patches, glob, grid, index, sink=lambda *_: None)
             add_patch_scores(local, out, sgrid, index)
             add_patch_scores(aggregated, ens, sgrid, index)
         return Scores(glob.output, local, aggregated, stride)

@@ -81,9 +81,14 @@ class _FPNBase(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.constant_(m.bias, 0.0)
 
-    def _pyramid(self, c, ext: Maps | None, sfx: str) -> Maps:
+    def _pyramid(self, c, ext: Maps | None, sfx: str, sink=None) -> Maps:
         """Top-down pass and the two smoothing stages; with `ext`, the other
-        branch's map at each level is concatenated after the own one."""
+        branch's map at each level is concatenated after the own one.
+
+        With `sink`, c is a list this call consumes, and each group (c, ps0, ps1)
+        is handed to sink(name, maps) and dropped as soon as the FPN is done with
+        it, so it is not alive while the larger later stages run (inference memory).
+        """
         L = lambda name: getattr(self, name + sfx)  # noqa: E731
         j = (lambda x, *_: x) if ext is None else (lambda x, e: _cat(x, e))
         e = ext if ext is not None else Maps([None] * 4, [None] * 4, [None] * 4, [None] * 4)
@@ -93,8 +98,20 @@ class _FPNBase(nn.Module):
         p3 = _up(p4, c3) + L("latlayer2")(j(c3, e.c[1]))
         p2 = _up(p3, c2) + L("latlayer3")(j(c2, e.c[0]))
         ps0 = (p5, p4, p3, p2)
+        del p5, p4, p3, p2
+        if sink is not None:
+            sink("c", (c2, c3, c4, c5))
+            c.clear()
+            c = ()
+        del c2, c3, c4, c5
         ps1 = tuple(L(f"smooth{k + 1}_1")(j(ps0[k], e.ps0[k])) for k in range(4))
+        if sink is not None:
+            sink("ps0", ps0)
+            ps0 = ()
         ps2 = tuple(L(f"smooth{k + 1}_2")(j(ps1[k], e.ps1[k])) for k in range(4))
+        if sink is not None:
+            sink("ps1", ps1)
+            ps1 = ()
         return Maps(c, ps0, ps1, ps2)
 
     @staticmethod
@@ -147,9 +164,15 @@ class FPNLocal(_FPNBase):
         self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: Sequence[torch.Tensor], glob: Maps) -> Maps:
-        m = self._pyramid(c, glob, "")
-        ps3 = self.smooth(self._concat_levels(m.ps2, glob.ps2))
+    def forward(self, c: Sequence[torch.Tensor], glob: Maps, sink=None) -> Maps:
+        """sink: see `_pyramid`; ps2 goes to it too once ps3 is made, and the
+        returned Maps then holds only ps3 and output."""
+        m = self._pyramid(c, glob, "", sink)
+        ps3 = self._concat_levels(m.ps2, glob.ps2)
+        if sink is not None:
+            sink("ps2", m.ps2)
+            m = m._replace(ps2=())
+        ps3 = self.smooth(ps3)
         return m._replace(ps3=ps3, output=self.classify(ps3))
 
 
@@ -195,30 +218,37 @@ class GLNet(nn.Module):
         """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3)."""
         return self.fpn_global(self.resnet_global(image_global), local)
 
-    def local_maps(self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int]) -> Maps:
+    def local_maps(
+        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None
+    ) -> Maps:
         """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with
-        crops of one image's global maps `glob` (batch of 1) as context."""
-        c = self.resnet_local(patches)
+        crops of one image's global maps `glob` (batch of 1) as context.
+
+        sink(name, maps), if given, receives c, ps0, ps1 and ps2 as soon as the FPN
+        no longer needs them (they are then left out of the result): inference
+        uses it to merge or drop them early and keep memory low.
+        """
+        c = list(self.resnet_local(patches))
         sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
         ctx = Maps(
             _Crops(glob.c, sizes, grid, index),
             *(_Crops(level, sizes[::-1], grid, index) for level in (glob.ps0, glob.ps1, glob.ps2)),
         )
-        return self.fpn_local(c, ctx)
+        return self.fpn_local(c, ctx, sink)
 
     def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
         return self.ensemble_conv(_cat(ps3_local, ps3_global_crop))
 
 
 def global2local(
-    model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int]
+    model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mode 2 on one sub-batch of patches of one image (section 5).
 
     `glob`: that image's global maps (computed once, without grad). Returns
     (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
     """
-    loc = model.local_maps(patches, glob, grid, index)
+    loc = model.local_maps(patches, glob, grid, index, sink)
     ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
     return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
 
@@ -242,7 +272,6 @@ def local2global_collect(
     template: torch.Tensor,
     keep_ps3: bool = True,
     store: torch.device | str | None = None,
-    on_batch=None,
 ) -> LocalPass:
     """Mode 3 first pass (section 5): run the model's local branch on every patch
     with crops of the frozen global model's maps, merging c2..c5, ps0, ps1, ps2
@@ -252,8 +281,7 @@ def local2global_collect(
     keep_ps3: store each patch's ps3 (needed to train ensemble_conv); otherwise
     store only ensemble_conv's local half applied to it (n_class channels instead
     of 512), which is all inference needs. `store`: device for the per-patch
-    results (default: the patches' device). `on_batch(index, maps)` sees each
-    sub-batch's local maps (e.g. to accumulate local scores). Runs without grad.
+    results (default: the patches' device). Runs without grad.
     """
     targets = frozen_glob.context()
     # float32 canvases, also under autocast: they sum many patches
@@ -262,17 +290,19 @@ def local2global_collect(
     w_local = model.ensemble_conv.weight[:, : 128 * 4]
     with torch.no_grad():
         for index, patches in patch_batches:
-            loc = model.local_maps(patches, frozen_glob, grid, index)
-            for canvas, m in zip(canvases, loc.context()):
-                merge_local(canvas, m, grid, index)
+            groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
+
+            def merge(name, maps, groups=groups, index=index):
+                for canvas, m in zip(groups[name], maps):
+                    merge_local(canvas, m, grid, index)
+
+            loc = model.local_maps(patches, frozen_glob, grid, index, sink=merge)
             dev = store if store is not None else loc.output.device
             outputs.append(loc.output.to(dev))
             if keep_ps3:
                 kept.append(loc.ps3.to(dev))
             else:
                 ens_local.append(F.conv2d(loc.ps3, w_local, None, padding=1).to(dev))
-            if on_batch is not None:
-                on_batch(index, loc)
     context = Maps.from_context([normalize_merged(c, template) for c in canvases])
     return LocalPass(
         context,
