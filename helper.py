@@ -311,13 +311,14 @@ def _train_step_mode1(model, batch, device, cms, scaler=None, **_):
     loss = focal_loss(out, lg)
     _backward(loss, scaler)
     cms["global"].update(lg, out.detach().argmax(1))
-    return {"loss": loss.detach()}
+    return {"loss": loss.detach(), "focal_global": loss.detach()}
 
 
 def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, scaler=None, **_):
     """Gradients accumulate over all sub-batches of all images; one optimizer step after."""
     ig = batch["image_global"].to(device, non_blocking=True)
     total = torch.zeros((), device=device)
+    parts = {k: torch.zeros((), device=device) for k in ("focal_local", "focal_aggregated", "fmreg")}
     for b, image in enumerate(batch["image"]):
         image = image.to(device, non_blocking=True)
         label = batch["label"][b].to(device, non_blocking=True)
@@ -328,12 +329,15 @@ def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, 
         for index, patches in patch_batches(image, grid, sub_batch):
             y = patch_labels(label, grid, index)
             ens, out, fmreg = global2local(model, patches, glob, grid, index)
-            loss = focal_loss(out, y) + focal_loss(ens, y) + lamb_fmreg * fmreg
+            focal_l, focal_ens = focal_loss(out, y), focal_loss(ens, y)
+            loss = focal_l + focal_ens + lamb_fmreg * fmreg
             _backward(loss, scaler)
             total += loss.detach()
+            for k, v in zip(parts, (focal_l, focal_ens, fmreg)):
+                parts[k] += v.detach()
             cms["local"].update(y, out.detach().argmax(1))
             cms["aggregated"].update(y, ens.detach().argmax(1))
-    return {"loss": total}
+    return {"loss": total, **parts}
 
 
 def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, scaler=None, **_):
@@ -367,6 +371,7 @@ def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, scal
     cms["global"].update(lg, glob.output.detach().argmax(1))
     ps3_g = glob.ps3.detach().requires_grad_()
     total = loss_g.detach().clone()
+    parts = {"focal_global": loss_g.detach(), "focal_aggregated": torch.zeros((), device=device)}
     for b, (lp, grid, label) in enumerate(zip(passes, grids, labels)):
         for index in sub_batches(len(grid), sub_batch):
             y = patch_labels(label, grid, index)
@@ -374,12 +379,13 @@ def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, scal
             loss = focal_loss(ens, y)
             _backward(loss, scaler)
             total += loss.detach()
+            parts["focal_aggregated"] += loss.detach()
             cms["local"].update(y, lp.outputs[index].to(device).argmax(1))
             cms["aggregated"].update(y, ens.detach().argmax(1))
     if scaler is not None:
         loss_g = scaler.scale(loss_g)
     torch.autograd.backward([loss_g, glob.ps3], [torch.ones_like(loss_g), ps3_g.grad])
-    return {"loss": total}
+    return {"loss": total, **parts}
 
 
 TRAIN_STEPS = {1: _train_step_mode1, 2: _train_step_mode2, 3: _train_step_mode3}
@@ -427,7 +433,8 @@ def train_one_epoch(
         loss = float(out["loss"])
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"non-finite loss {loss} at epoch {epoch + 1}, iteration {i + 1}")
+            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items() if k != "loss")
+            raise NonFiniteLoss(f"non-finite loss {loss} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
         if scaler is not None:  # fp16: skips the step when gradients overflowed
             scaler.step(optimizer)
             scaler.update()

@@ -295,11 +295,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(chain, data, t
     assert "note: --num_epochs 3 replaces 2" in err and "note: --lr 1e+30 replaces" in err
     line = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "Traceback" not in err
-    assert re.search(r"non-finite (loss|weights)", line[0]) and "epoch 3" in line[0], line[0]
+    assert "non-finite loss nan at epoch 3, iteration 2 of 2 (focal_global nan): training stopped" in line[0], line[0]
     assert f"the weights of the last good epoch (2) are in {models / TASK}.pth" in line[0]
     assert _same_tensors(_load(models / f"{TASK}.pth"), before)
     assert _load(models / f"{TASK}.resume.pth")["epoch"] == 2
     assert "epoch 3/3" not in out
+
+
+@pytest.mark.parametrize("mode", [2, 3])
+def test_non_finite_loss_message_names_the_loss_parts(mode, monkeypatch):
+    """Only the ensemble's loss turns NaN: the message says which part, and no step is taken.
+    One 128 px image with 128 px patches: the first focal loss is the local (mode 2) or
+    global (mode 3) one, the next the ensemble's."""
+    import helper
+    from models import GLNet
+
+    real_focal, calls = helper.focal_loss, []
+
+    def focal(logits, target):
+        calls.append(1)
+        return real_focal(logits, target) * (float("nan") if len(calls) > 1 else 1.0)
+
+    monkeypatch.setattr(helper, "focal_loss", focal)
+    model = GLNet(7)
+    frozen = GLNet(7).eval() if mode == 3 else None
+    optimizer = helper.make_optimizer(helper.configure_stage(model, mode), 1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8, generator=g)],
+             "image_global": torch.rand(1, 3, 64, 64, generator=g),
+             "label": [torch.randint(0, 7, (128, 128), dtype=torch.uint8, generator=g)],
+             "label_global": torch.randint(0, 7, (1, 16, 16), generator=g)}
+    with pytest.raises(helper.NonFiniteLoss) as e:
+        helper.train_one_epoch(model, [batch], optimizer, mode, 0, 1, 1e-3, torch.device("cpu"), 7, 128, 2,
+                               frozen=frozen, progress=False)
+    msg = str(e.value)
+    assert msg.startswith("non-finite loss nan at epoch 1, iteration 1 of 1 ("), msg
+    assert "focal_aggregated nan" in msg
+    assert re.search(r"focal_global \d" if mode == 3 else r"focal_local \d.*fmreg \d", msg), msg
+    params = {k: v for k, v in model.state_dict().items() if k in before and "running_" not in k}
+    assert all(torch.equal(v, before[k]) for k, v in params.items())  # no optimizer step
 
 
 # ----------------------------------------------------------------------------- signals
