@@ -535,69 +535,105 @@ def first_nonfinite(model) -> str | None:
     return None
 
 
+def restore_training(model, optimizer, state: dict, path: str) -> tuple[int, float]:
+    """Model, optimizer and RNG states from a resume file; returns (epochs done, best score)."""
+    from utils.errors import UserError
+
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(
+            f"--resume: {path} does not fit this model ({str(e).splitlines()[0][:150]}); start the run without --resume"
+        ) from e
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    return int(state["epoch"]), float(state["best"])
+
+
+def save_epoch(args, model, optimizer, epoch: int, score: float, best: float) -> float:
+    """<task>.pth, .best.pth when `score` beats `best`, then .resume.pth, each atomically.
+    The resume file goes last: once it is written, the epoch is done. Returns the new best."""
+    from utils.checkpoint import atomic_copy, atomic_save, save_state_dict
+
+    last_path = checkpoint_path(args, f"{args.task_name}.pth")
+    save_state_dict(model, last_path)
+    if score > best:
+        best = score
+        atomic_copy(last_path, checkpoint_path(args, f"{args.task_name}.best.pth"))
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best,
+        "args": vars(args), "rng": rng_state(),
+    }
+    atomic_save(state, resume_path(args))
+    return best
+
+
+def log_epoch(writer, log_file, args, epoch: int, stats: dict, val: dict, best: float, example, seconds: float) -> None:
+    line = (
+        f"epoch {epoch + 1}/{args.num_epochs} loss {stats['loss']:.4f} "
+        + " ".join(f"train_{k[5:]} {v:.4f}" for k, v in stats.items() if k.startswith("miou_"))
+        + " " + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+        + f" best {best:.4f} time {seconds:.1f}s"
+    )
+    log_file.write(line + "\n")
+    log_file.flush()
+    print(line, flush=True)
+    for k, v in stats.items():
+        if k.startswith("miou_"):
+            writer.add_scalar(f"train/mIoU_{k[5:]}", v, epoch + 1)
+    for k, v in val.items():
+        writer.add_scalar(f"val/mIoU_{k}", v, epoch + 1)
+    if example is not None:
+        import helper
+
+        writer.add_image("val/image_label_predictions", helper.example_grid(example), epoch + 1)
+    writer.flush()
+
+
 def run_training(args, device, model, frozen, datasets, state: dict | None = None, command: str | None = None) -> int:
-    """Train for the remaining epochs. After each epoch: validation, then <task>.pth,
-    .best.pth and .resume.pth, each written atomically (the resume file last: it is the
-    commit point), then the log line. Returns the exit code."""
+    """Train the remaining epochs; after each: validation, checkpoints (save_epoch), log line.
+    SIGINT/SIGTERM stop at the next iteration or epoch boundary. Returns the exit code."""
     import torch
     from tensorboardX import SummaryWriter
 
     import helper
-    from utils.checkpoint import atomic_copy, atomic_save, remove_stale_temps, save_state_dict
+    from utils.checkpoint import remove_stale_temps
     from utils.errors import UserError
 
     train_ds, val_ds = datasets["train"], datasets["crossvali"]
     gen = torch.Generator()
     train_loader = make_loader(train_ds, args, device, shuffle=True, batch_size=args.batch_size, generator=gen)
     val_loader = make_loader(val_ds, args, device, shuffle=False, batch_size=args.batch_size)
-
-    params = helper.configure_stage(model, args.mode)
-    optimizer = helper.make_optimizer(params, args.lr)
-    last_path = checkpoint_path(args, f"{args.task_name}.pth")
-    best_path = checkpoint_path(args, f"{args.task_name}.best.pth")
-    res_path = resume_path(args)
-    for path in (last_path, best_path, res_path):
+    optimizer = helper.make_optimizer(helper.configure_stage(model, args.mode), args.lr)
+    last_path, res_path = checkpoint_path(args, f"{args.task_name}.pth"), resume_path(args)
+    for path in (last_path, checkpoint_path(args, f"{args.task_name}.best.pth"), res_path):
         for name in remove_stale_temps(path):
             print(f"removed {name}, left by an interrupted write")
     command = command or resume_command(None)
     start_epoch, best = 0, -1.0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume: {res_path} does not fit this model ({str(e).splitlines()[0][:150]}); start the run without --resume") from e
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        if "rng" in state:
-            set_rng_state(state["rng"])
+        start_epoch, best = restore_training(model, optimizer, state, res_path)
         print(f"resumed from {res_path}: {start_epoch} of {args.num_epochs} epochs done, best mIoU {best:.4f}")
         if start_epoch >= args.num_epochs:
             print(f"nothing to do: all {args.num_epochs} epochs are done (a larger --num_epochs trains on)")
             return 0
 
-    main_output = helper.MAIN_OUTPUT[args.mode]
     writer = SummaryWriter(os.path.join(args.log_path, args.task_name))
     log_file = open(os.path.join(args.log_path, f"{args.task_name}.log"), "a")
     if state is not None:
         log_file.write(f"resumed after epoch {start_epoch} from {res_path}\n")
     iters = len(train_loader)
-    done = start_epoch  # epochs saved in the resume file
-    stop = GracefulStop()
-    epoch = start_epoch
+    done = epoch = start_epoch  # done: epochs in the resume file
     position = "before the first iteration"
+    stop = GracefulStop()
 
     def on_iteration(i, lr, loss):
         nonlocal position
-        step = epoch * iters + i
-        writer.add_scalar("train/loss", loss, step)
-        writer.add_scalar("train/lr", lr, step)
+        writer.add_scalar("train/loss", loss, epoch * iters + i)
+        writer.add_scalar("train/lr", lr, epoch * iters + i)
         position = f"after iteration {i + 1} of {iters}"
         stop.check()
-
-    def saved_state() -> str:
-        if done == 0:
-            return "no epoch was completed, so nothing was saved: run the same command again (without --resume)"
-        return f"epochs 1..{done} are saved in {res_path}; continue with:\n  {command}"
 
     try:
         with stop:
@@ -611,46 +647,19 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
                     args.size_p, args.sub_batch_size, args.lamb_fmreg, frozen, progress=not args.no_progress,
                     on_iteration=on_iteration,
                 )
-                position = "during validation"
                 bad = first_nonfinite(model)
                 if bad is not None:
                     raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad})")
+                position = "during validation"
                 cms, example = helper.evaluate(
                     model, val_loader, args.mode, device, args.n_class, args.size_p, args.sub_batch_size, frozen,
                     progress=not args.no_progress, desc="validation",
                 )
                 val = {k: cm.miou() for k, cm in cms.items()}
-                score = val[main_output]
                 position = "while saving"
-                save_state_dict(model, last_path)
-                if score > best:
-                    best = score
-                    atomic_copy(last_path, best_path)
-                atomic_save(
-                    {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                        "best": best, "args": vars(args), "rng": rng_state(),
-                    },
-                    res_path,
-                )
+                best = save_epoch(args, model, optimizer, epoch, val[helper.MAIN_OUTPUT[args.mode]], best)
                 done = epoch + 1
-                line = (
-                    f"epoch {epoch + 1}/{args.num_epochs} loss {stats['loss']:.4f} "
-                    + " ".join(f"train_{k[5:]} {v:.4f}" for k, v in stats.items() if k.startswith("miou_"))
-                    + " " + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
-                    + f" best {best:.4f} time {time.time() - t0:.1f}s"
-                )
-                log_file.write(line + "\n")
-                log_file.flush()
-                print(line, flush=True)
-                for k, v in stats.items():
-                    if k.startswith("miou_"):
-                        writer.add_scalar(f"train/mIoU_{k[5:]}", v, epoch + 1)
-                for k, v in val.items():
-                    writer.add_scalar(f"val/mIoU_{k}", v, epoch + 1)
-                if example is not None:
-                    writer.add_image("val/image_label_predictions", helper.example_grid(example), epoch + 1)
-                writer.flush()
+                log_epoch(writer, log_file, args, epoch, stats, val, best, example, time.time() - t0)
                 stop.check()  # a signal during validation or saving stops here, with this epoch saved
     except helper.NonFiniteLoss as e:
         if done:
@@ -665,12 +674,16 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
             # e.g. a loader worker killed by the same SIGTERM (sent to the whole process group)
             e = Interrupted(stop.signum)
         where = f"epoch {epoch + 1}/{args.num_epochs}, {position}" if done <= epoch else f"after epoch {done}"
-        print(f"interrupted by {e.name} ({where}); {saved_state()}", file=sys.stderr, flush=True)
+        if done:
+            saved = f"epochs 1..{done} are saved in {res_path}; continue with:\n  {command}"
+        else:
+            saved = "no epoch was completed, so nothing was saved: run the same command again (without --resume)"
+        print(f"interrupted by {e.name} ({where}); {saved}", file=sys.stderr, flush=True)
         return e.code
     finally:
         log_file.close()
         writer.close()
-    print(f"checkpoints: {last_path} (last), {best_path} (best val mIoU {best:.4f})")
+    print(f"checkpoints: {last_path} (last), {checkpoint_path(args, f'{args.task_name}.best.pth')} (best val mIoU {best:.4f})")
     print(f"TensorBoard: tensorboard --logdir {args.log_path}")
     return 0
 
