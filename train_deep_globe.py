@@ -370,7 +370,7 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
+        for s, handler in reversed(self._old.items()):
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum, frame) -> None:
@@ -378,6 +378,10 @@ class GracefulStop:
             self.signum = signum
             raise Interrupted(signum)
         self.signum = signum
+        # A SIGTERM sent to the whole process group also kills the loader workers; torch's
+        # SIGCHLD handler would then raise at whatever line runs. The loader still notices
+        # dead workers when asked for the next batch, which only happens before the stop.
+        self._old.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         # os.write, not print: the handler may run in the middle of a print (a progress bar)
         # to the same stream, and buffered streams refuse reentrant writes.
         msg = f"\n{signal.Signals(signum).name}: stopping after the current iteration (send it again to stop at once)\n"
@@ -625,7 +629,7 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
         log_file.write(f"resumed after epoch {start_epoch} from {res_path}\n")
     iters = len(train_loader)
     done = epoch = start_epoch  # done: epochs in the resume file
-    position = "before the first iteration"
+    position = f"in iteration 1 of {iters}"
     stop = GracefulStop()
 
     def on_iteration(i, lr, loss):
@@ -638,7 +642,7 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
     try:
         with stop:
             for epoch in range(start_epoch, args.num_epochs):
-                position = "before the first iteration"
+                position = f"in iteration 1 of {iters}"
                 gen.manual_seed(args.seed * 1000003 + epoch)  # shuffling and augmentation depend on (seed, epoch) only
                 train_ds.set_epoch(epoch)
                 t0 = time.time()

@@ -98,14 +98,16 @@ sys.exit(train_deep_globe.cli(sys.argv[1:]))
 
 
 def _spawn(args, hook=None, marker=None):
-    """Start train_deep_globe.py (through HOOKS when `hook` is set) in a subprocess."""
+    """Start train_deep_globe.py (through HOOKS when `hook` is set) in a subprocess, in a
+    process group of its own (signals go to the group, as a Ctrl-C in a terminal does)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if hook:
         env.update(ROBUSTNESS_HOOK=hook, ROBUSTNESS_MARKER=str(marker))
         cmd = [sys.executable, "-c", HOOKS, *map(str, args)]
     else:
         cmd = [sys.executable, str(REPO / "train_deep_globe.py"), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _finish(proc, timeout=600):
@@ -114,7 +116,8 @@ def _finish(proc, timeout=600):
 
 
 def _signal_at(proc, marker, signum, timeout=300):
-    """Send `signum` once the subprocess has touched `marker`; return (rc, out, err)."""
+    """Send `signum` to the subprocess and its loader workers once it has touched `marker`;
+    return (rc, out, err)."""
     deadline = time.time() + timeout
     while not Path(marker).exists():
         if proc.poll() is not None:
@@ -124,7 +127,7 @@ def _signal_at(proc, marker, signum, timeout=300):
             proc.kill()
             pytest.fail("the run never reached the hook")
         time.sleep(0.05)
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)
     return _finish(proc)
 
 
@@ -360,6 +363,18 @@ def test_sigterm_during_validation_saves_the_epoch_and_exits_143(data, tmp_path)
     assert "Traceback" not in err
     assert _load(tmp_path / "models" / f"{TASK}.resume.pth")["epoch"] == 1
     assert len(_epoch_lines(tmp_path / "runs" / f"{TASK}.log")) == 1
+
+
+def test_sigterm_kills_loader_workers_too_and_still_exits_143(data, tmp_path):
+    """SIGTERM to the whole group (a scheduler ending the job) in the first iteration: the
+    workers die at once, the main process stops cleanly; no epoch done, so nothing to resume."""
+    proc = _spawn(_run_args(data, tmp_path, "--batch_size", 2, "--num_epochs", 1, "--num_workers", 2),
+                  "wait_in_first_step", tmp_path / "marker")
+    rc, out, err = _signal_at(proc, tmp_path / "marker", signal.SIGTERM)
+    assert rc == 143, err[-3000:]
+    assert re.search(r"interrupted by SIGTERM \(epoch 1/1, (in|after) iteration 1 of 1\); no epoch was completed", err), err
+    assert "Traceback" not in err and "error:" not in err
+    assert not (tmp_path / "models" / f"{TASK}.resume.pth").exists()
 
 
 def test_atomic_save_killed_mid_write_leaves_the_old_file(tmp_path):
