@@ -168,8 +168,7 @@ def predict_scores(
     if mode == 2:
         glob = model.global_maps(image_global)
         for index, patches in patch_batches(image, grid, sub_batch):
-            # the sink drops the local maps that inference does not need, early
-            ens, out, _ = global2local(model, patches, glob, grid, index, sink=lambda *_: None)
+            ens, out, _ = global2local(model, patches, glob, grid, index, low_memory=True)
             add_patch_scores(local, out, sgrid, index)
             add_patch_scores(aggregated, ens, sgrid, index)
         return Scores(glob.output, local, aggregated, stride)

@@ -224,33 +224,61 @@ class GLNet(nn.Module):
         """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with
         crops of one image's global maps `glob` (batch of 1) as context.
 
-        sink(name, maps), if given, receives c, ps0, ps1 and ps2 as soon as the FPN
-        no longer needs them (they are then left out of the result): inference
-        uses it to merge or drop them early and keep memory low.
+        sink(name, maps, patch_index), if given, receives each patch's c, ps0, ps1,
+        ps2 and ps3 as soon as the FPN no longer needs them (the result then holds
+        only the output): inference uses it to merge or drop them early and keep
+        memory low.
         """
-        c = list(self.resnet_local(patches))
+        c = self.resnet_local(patches)
         sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
-        ctx = Maps(
-            _Crops(glob.c, sizes, grid, index),
-            *(_Crops(level, sizes[::-1], grid, index) for level in (glob.ps0, glob.ps1, glob.ps2)),
-        )
-        return self.fpn_local(c, ctx, sink)
+
+        def context(idx):
+            return Maps(
+                _Crops(glob.c, sizes, grid, idx),
+                *(_Crops(level, sizes[::-1], grid, idx) for level in (glob.ps0, glob.ps1, glob.ps2)),
+            )
+
+        if sink is None:
+            return self.fpn_local(list(c), context(index))
+        # Inference: the FPN one patch at a time (convolutions, resizes and crops act
+        # per sample: the same values, up to the float rounding of the kernel oneDNN
+        # picks for one sample), its maps handed to the sink per patch.
+        out = []
+        for i, k in enumerate(index):
+            m = self.fpn_local([x[i : i + 1] for x in c], context([k]), lambda name, maps: sink(name, maps, [k]))
+            sink("ps3", m.ps3, [k])
+            out.append(m.output)
+        return Maps((), (), (), (), None, torch.cat(out))
 
     def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
         return self.ensemble_conv(_cat(ps3_local, ps3_global_crop))
 
 
 def global2local(
-    model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None
+    model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int],
+    low_memory: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mode 2 on one sub-batch of patches of one image (section 5).
 
     `glob`: that image's global maps (computed once, without grad). Returns
     (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
+    low_memory (inference only): the local FPN and the ensemble run patch by patch,
+    dropping each map once used; same outputs (fmreg: the mean of per-patch MSEs).
     """
-    loc = model.local_maps(patches, glob, grid, index, sink)
-    ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
-    return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
+    if not low_memory:
+        loc = model.local_maps(patches, glob, grid, index)
+        ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
+        return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
+    ens, mse = [], []
+
+    def take(name, maps, idx):
+        if name == "ps3":
+            g = crop_global(glob.ps3, grid, idx, maps.shape[-2:])
+            ens.append(model.ensemble(maps, g))
+            mse.append(F.mse_loss(maps, g))
+
+    out = model.local_maps(patches, glob, grid, index, sink=take).output
+    return torch.cat(ens), out, torch.stack(mse).mean()
 
 
 class LocalPass(NamedTuple):
@@ -286,23 +314,26 @@ def local2global_collect(
     targets = frozen_glob.context()
     # float32 canvases, also under autocast: they sum many patches
     canvases = [t.new_zeros((1, *t.shape[1:]), dtype=torch.float32) for t in targets]
+    groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
     outputs, kept, ens_local = [], [], []
-    w_local = model.ensemble_conv.weight[:, : 128 * 4]
+    w_local = model.ensemble_conv.weight[:, : 128 * 4].contiguous()
+
+    def park(x: torch.Tensor) -> torch.Tensor:
+        return x.to(store) if store is not None else x
+
+    def take(name, maps, idx):
+        """Sink of the local FPN: merge each patch's maps as soon as they are made."""
+        if name != "ps3":
+            for canvas, m in zip(groups[name], maps):
+                merge_local(canvas, m, grid, idx)
+        elif keep_ps3:
+            kept.append(park(maps))
+        else:
+            ens_local.append(park(F.conv2d(maps, w_local, None, padding=1)))
+
     with torch.no_grad():
         for index, patches in patch_batches:
-            groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
-
-            def merge(name, maps, groups=groups, index=index):
-                for canvas, m in zip(groups[name], maps):
-                    merge_local(canvas, m, grid, index)
-
-            loc = model.local_maps(patches, frozen_glob, grid, index, sink=merge)
-            dev = store if store is not None else loc.output.device
-            outputs.append(loc.output.to(dev))
-            if keep_ps3:
-                kept.append(loc.ps3.to(dev))
-            else:
-                ens_local.append(F.conv2d(loc.ps3, w_local, None, padding=1).to(dev))
+            outputs.append(park(model.local_maps(patches, frozen_glob, grid, index, sink=take).output))
     context = Maps.from_context([normalize_merged(c, template) for c in canvases])
     return LocalPass(
         context,
