@@ -158,6 +158,15 @@ def _hardlink_copy(src, dst):
     shutil.copytree(src, dst, copy_function=os.link)
 
 
+@pytest.fixture(autouse=True)
+def _drop_checkpoints(request):
+    """Checkpoints are 300-550 MB each and pytest keeps its last temp folders: delete them."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    for p in folder.rglob("*.pth*") if folder else ():
+        p.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust_data")
@@ -172,7 +181,8 @@ def full_checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("ckpt") / "full.pth"
     save_state_dict(GLNet(7), str(path))
-    return path
+    yield path
+    path.unlink()
 
 
 def _run_args(data, root, *extra):
@@ -221,7 +231,8 @@ def chain(data, tmp_path_factory):
     res["B3"] = _finish(subprocess.Popen([sys.executable, *cmd[1:]], cwd=os.getcwd(), stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True))
     assert res["B3"][0] == 0, res["B3"][2][-3000:]
-    return res
+    yield res
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_kill_during_checkpoint_write_keeps_previous_file(chain):
