@@ -72,6 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--backbone_weights", type=str, default="imagenet", help="ResNet-50 init for training: imagenet, none, or a state-dict file")
     a("--resume", action="store_true", help="continue an interrupted training run from <model_path>/<task_name>.resume.pth")
     a("--no_progress", action="store_true", help="no progress bars")
+    a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (autocast; fp16 training adds a GradScaler); default fp32, as the original")
     a("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -445,9 +446,8 @@ def build_models(args, device, init: bool = True):
         load_for_flag(model, args, "path_l2g" if ev else "path_g2l", all_keys)
     frozen = None
     if mode == 3:
-        frozen = GLNet(args.n_class)
+        frozen = GLNet(args.n_class, local=False)  # only its global branch is used
         load_for_flag(frozen, args, "path_g", global_keys)
-        frozen.resnet_local = frozen.fpn_local = None  # only its global branch is used
         frozen.requires_grad_(False)
         frozen.to(device).eval()
     return model.to(device), frozen
@@ -512,7 +512,7 @@ def run_evaluation(args, device, model, frozen, ds) -> int:
     cms, _ = helper.evaluate(
         model, loader, args.mode, device, args.n_class, args.size_p, args.sub_batch_size, frozen,
         tta=args.tta, predictions_dir=args.predictions_dir, with_labels=not args.test,
-        progress=not args.no_progress, desc=f"{split} ({len(ds)} images)",
+        progress=not args.no_progress, desc=f"{split} ({len(ds)} images)", amp=args.amp,
     )
     elapsed = time.time() - t0
     print(f"{split}: {len(ds)} images in {elapsed:.1f} s ({elapsed / len(ds):.2f} s/image)")
@@ -631,6 +631,8 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
     done = epoch = start_epoch  # done: epochs in the resume file
     position = f"in iteration 1 of {iters}"
     stop = GracefulStop()
+    # fp16 gradients can underflow: scale the loss (bf16 has float32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     def on_iteration(i, lr, loss):
         nonlocal position
@@ -649,7 +651,7 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
                 stats = helper.train_one_epoch(
                     model, train_loader, optimizer, args.mode, epoch, args.num_epochs, args.lr, device, args.n_class,
                     args.size_p, args.sub_batch_size, args.lamb_fmreg, frozen, progress=not args.no_progress,
-                    on_iteration=on_iteration,
+                    on_iteration=on_iteration, amp=args.amp, scaler=scaler,
                 )
                 bad = first_nonfinite(model)
                 if bad is not None:
@@ -657,7 +659,7 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
                 position = "during validation"
                 cms, example = helper.evaluate(
                     model, val_loader, args.mode, device, args.n_class, args.size_p, args.sub_batch_size, frozen,
-                    progress=not args.no_progress, desc="validation",
+                    progress=not args.no_progress, desc="validation", amp=args.amp,
                 )
                 val = {k: cm.miou() for k, cm in cms.items()}
                 position = "while saving"
