@@ -39,6 +39,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def check_sizes(p, args, at_least_one: Sequence[str]) -> None:
+    """The checks both scripts share: size_g/size_p positive multiples of 4, counts >= 1."""
+    for name in ("size_g", "size_p"):
+        v = getattr(args, name)
+        if v <= 0 or v % 4:
+            p.error(f"--{name} must be a positive multiple of 4, got {v}")
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+
+
 def command_line() -> str:
     return shlex.join([os.path.basename(sys.executable)] + sys.argv)
 

@@ -83,13 +83,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("size_g", "size_p"):
-        v = getattr(args, name)
-        if v <= 0 or v % 4:
-            p.error(f"--{name} must be a positive multiple of 4, got {v}")
-    for name in ("sub_batch_size", "n_class", "n_images", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    B.check_sizes(p, args, ("sub_batch_size", "n_class", "n_images", "batch_size"))
     if args.warmup < 0 or args.num_workers < 0:
         p.error("--warmup and --num_workers must be >= 0")
     if args.eval_cli and (args.precision != "fp32" or args.channels_last):

@@ -71,13 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("size_g", "size_p"):
-        v = getattr(args, name)
-        if v <= 0 or v % 4:
-            p.error(f"--{name} must be a positive multiple of 4, got {v}")
-    for name in ("batch_size", "sub_batch_size", "iters", "n_class"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    B.check_sizes(p, args, ("batch_size", "sub_batch_size", "iters", "n_class"))
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     h, w = args.image_size
