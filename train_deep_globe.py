@@ -165,13 +165,13 @@ def check_checkpoints_exist(args, resuming: bool) -> None:
             raise UserError(f"--{flag}: checkpoint not found: {path}; {_checkpoint_hint(args, flag)}")
 
 
-def load_for_flag(model, args, flag: str, select) -> None:
+def load_for_flag(model, args, flag: str, select, assign: bool = False) -> None:
     """load_checkpoint, with the flag and where the file should come from in the message."""
     from utils.checkpoint import load_checkpoint
     from utils.errors import UserError
 
     try:
-        load_checkpoint(model, checkpoint_path(args, getattr(args, flag)), select)
+        load_checkpoint(model, checkpoint_path(args, getattr(args, flag)), select, assign)
     except UserError as e:
         raise UserError(f"--{flag}: {e}; {_checkpoint_hint(args, flag)}") from e
 
@@ -428,26 +428,33 @@ def build_models(args, device, init: bool = True):
             ) from e
 
     torch.manual_seed(args.seed)
-    model = GLNet(args.n_class)
     mode, ev = args.mode, args.evaluation
-    if not init:
+    if ev and init:
+        # Evaluation: every weight comes from a checkpoint, so the models are built on
+        # the meta device (no initialisation, no memory) and take the file's tensors
+        # (memory-mapped from zip files) instead of copies. Mode 1 needs only the
+        # plain global network.
+        with torch.device("meta"):
+            model = GLNet(args.n_class) if mode != 1 else GLNet(args.n_class, local=False, context=False)
+        load_for_flag(model, args, {1: "path_g", 2: "path_g2l", 3: "path_l2g"}[mode], all_keys, assign=True)
+    else:
+        model = GLNet(args.n_class)
+    if not init or ev:
         pass
-    elif mode == 1 and not ev:
+    elif mode == 1:
         backbone(model.resnet_global)
         backbone(model.resnet_local)
-    elif mode == 1:
-        load_for_flag(model, args, "path_g", global_keys)
-    elif mode == 2 and not ev:
+    elif mode == 2:
         load_for_flag(model, args, "path_g", global_keys)
         backbone(model.resnet_local)
-    elif mode == 2:
-        load_for_flag(model, args, "path_g2l", all_keys)
     else:
-        load_for_flag(model, args, "path_l2g" if ev else "path_g2l", all_keys)
+        load_for_flag(model, args, "path_g2l", all_keys)
     frozen = None
     if mode == 3:
-        frozen = GLNet(args.n_class, local=False)  # only its global branch is used
-        load_for_flag(frozen, args, "path_g", global_keys)
+        # only its plain global network is used (GLNET_SPEC.md section 5)
+        with torch.device("meta"):
+            frozen = GLNet(args.n_class, local=False, context=False)
+        load_for_flag(frozen, args, "path_g", global_keys, assign=True)
         frozen.requires_grad_(False)
         frozen.to(device).eval()
     return model.to(device), frozen

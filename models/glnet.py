@@ -135,13 +135,19 @@ class _FPNBase(nn.Module):
 
 
 class FPNGlobal(_FPNBase):
-    """Global FPN (section 2): plain, or with merged local maps as context (`*_ext` layers)."""
+    """Global FPN (section 2): plain, or with merged local maps as context (`*_ext` layers).
 
-    def __init__(self, n_class: int) -> None:
+    context=False builds only the plain path (no `*_ext` layers, no `smooth`): what a
+    model that never sees local context needs (mode 1 evaluation, the frozen global
+    model of mode 3)."""
+
+    def __init__(self, n_class: int, context: bool = True) -> None:
         super().__init__()
+        self.with_context = context
         self._make_layers(n_class, fold=1, suffix="", with_classify=True)
-        self._make_layers(n_class, fold=2, suffix="_ext", with_classify=False)
-        self.smooth = _conv(1024, 512, 3)
+        if context:
+            self._make_layers(n_class, fold=2, suffix="_ext", with_classify=False)
+            self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
     def forward(self, c: Sequence[torch.Tensor], local: Maps | None = None) -> Maps:
@@ -149,9 +155,17 @@ class FPNGlobal(_FPNBase):
             m = self._pyramid(c, None, "")
             ps3 = self._concat_levels(m.ps2)
         else:
+            if not self.with_context:
+                raise ValueError("this global FPN was built with context=False: it cannot take local maps")
             m = self._pyramid(c, local, "_ext")
             ps3 = self.smooth(self._concat_levels(m.ps2, local.ps2))
         return m._replace(ps3=ps3, output=self.classify(ps3))
+
+    @staticmethod
+    def is_context_key(name: str) -> bool:
+        """Whether a parameter name (relative to the FPN) belongs to the context path."""
+        head = name.split(".")[0]
+        return head.endswith("_ext") or head == "smooth"
 
 
 class FPNLocal(_FPNBase):
@@ -198,17 +212,35 @@ class GLNet(nn.Module):
     `global2local` and `local2global_*` below.
     """
 
-    def __init__(self, n_class: int, local: bool = True) -> None:
-        """local=False leaves out the local branch (resnet_local, fpn_local are None):
-        the frozen global model of mode 3 needs only the global parts."""
+    def __init__(self, n_class: int, local: bool = True, context: bool = True) -> None:
+        """local=False leaves out the local branch (resnet_local, fpn_local are None).
+        context=False (with local=False) also leaves out what only combines the branches:
+        fpn_global's context layers and ensemble_conv. GLNet(n, local=False,
+        context=False) is the plain global network of mode 1, which is all that mode-1
+        evaluation and the frozen global model of mode 3 use."""
         super().__init__()
+        if not context and local:
+            raise ValueError("context=False needs local=False")
         self.n_class = n_class
         self.resnet_global = ResNet50Features()
         self.resnet_local = ResNet50Features() if local else None
-        self.fpn_global = FPNGlobal(n_class)
+        self.fpn_global = FPNGlobal(n_class, context)
         self.fpn_local = FPNLocal(n_class) if local else None
-        self.ensemble_conv = _conv(128 * 4 * 2, n_class, 3)
-        nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
+        self.ensemble_conv = _conv(128 * 4 * 2, n_class, 3) if context else None
+        if context:
+            nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
+
+    def omits(self, key: str) -> bool:
+        """Whether `key` (a checkpoint key without `module.`) names a part this model
+        was built without; loading skips such keys instead of calling them unexpected."""
+        part, _, rest = key.partition(".")
+        if part in ("resnet_local", "fpn_local"):
+            return self.resnet_local is None
+        if part == "ensemble_conv":
+            return self.ensemble_conv is None
+        if part == "fpn_global":
+            return not self.fpn_global.with_context and FPNGlobal.is_context_key(rest)
+        return False
 
     def forward(self, image_global: torch.Tensor) -> torch.Tensor:
         """Mode 1: class logits at 1/4 of the global image."""
@@ -219,7 +251,8 @@ class GLNet(nn.Module):
         return self.fpn_global(self.resnet_global(image_global), local)
 
     def local_maps(
-        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None
+        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None,
+        backbone_batch: int | None = None,
     ) -> Maps:
         """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with
         crops of one image's global maps `glob` (batch of 1) as context.
@@ -227,10 +260,9 @@ class GLNet(nn.Module):
         sink(name, maps, patch_index), if given, receives each patch's c, ps0, ps1,
         ps2 and ps3 as soon as the FPN no longer needs them (the result then holds
         only the output): inference uses it to merge or drop them early and keep
-        memory low.
+        memory low. With a sink, `backbone_batch` patches at a time go through the
+        ResNet (default: all n).
         """
-        c = self.resnet_local(patches)
-        sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
 
         def context(idx):
             return Maps(
@@ -239,15 +271,26 @@ class GLNet(nn.Module):
             )
 
         if sink is None:
+            c = self.resnet_local(patches)
+            sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
             return self.fpn_local(list(c), context(index))
         # Inference: the FPN one patch at a time (convolutions, resizes and crops act
         # per sample: the same values, up to the float rounding of the kernel oneDNN
         # picks for one sample), its maps handed to the sink per patch.
         out = []
-        for i, k in enumerate(index):
-            m = self.fpn_local([x[i : i + 1] for x in c], context([k]), lambda name, maps: sink(name, maps, [k]))
-            sink("ps3", m.ps3, [k])
-            out.append(m.output)
+        step = backbone_batch or len(index)
+        for start in range(0, len(index), step):
+            chunk = list(self.resnet_local(patches[start : start + step]))
+            sizes = [x.shape[-2:] for x in chunk]
+            n = chunk[0].shape[0]
+            for i in range(n):
+                k = index[start + i]
+                # one patch: hand over the list itself, which the FPN empties once done with it
+                c = chunk if n == 1 else [x[i : i + 1] for x in chunk]
+                m = self.fpn_local(c, context([k]), lambda name, maps: sink(name, maps, [k]))
+                sink("ps3", m.ps3, [k])
+                out.append(m.output)
+            del chunk
         return Maps((), (), (), (), None, torch.cat(out))
 
     def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
@@ -256,14 +299,15 @@ class GLNet(nn.Module):
 
 def global2local(
     model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int],
-    low_memory: bool = False,
+    low_memory: bool = False, backbone_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mode 2 on one sub-batch of patches of one image (section 5).
 
     `glob`: that image's global maps (computed once, without grad). Returns
     (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
     low_memory (inference only): the local FPN and the ensemble run patch by patch,
-    dropping each map once used; same outputs (fmreg: the mean of per-patch MSEs).
+    dropping each map once used; same outputs (fmreg: the mean of per-patch MSEs);
+    `backbone_batch`: see `GLNet.local_maps`.
     """
     if not low_memory:
         loc = model.local_maps(patches, glob, grid, index)
@@ -277,7 +321,7 @@ def global2local(
             ens.append(model.ensemble(maps, g))
             mse.append(F.mse_loss(maps, g))
 
-    out = model.local_maps(patches, glob, grid, index, sink=take).output
+    out = model.local_maps(patches, glob, grid, index, sink=take, backbone_batch=backbone_batch).output
     return torch.cat(ens), out, torch.stack(mse).mean()
 
 
@@ -300,6 +344,7 @@ def local2global_collect(
     template: torch.Tensor,
     keep_ps3: bool = True,
     store: torch.device | str | None = None,
+    backbone_batch: int | None = None,
 ) -> LocalPass:
     """Mode 3 first pass (section 5): run the model's local branch on every patch
     with crops of the frozen global model's maps, merging c2..c5, ps0, ps1, ps2
@@ -309,7 +354,8 @@ def local2global_collect(
     keep_ps3: store each patch's ps3 (needed to train ensemble_conv); otherwise
     store only ensemble_conv's local half applied to it (n_class channels instead
     of 512), which is all inference needs. `store`: device for the per-patch
-    results (default: the patches' device). Runs without grad.
+    results (default: the patches' device). `backbone_batch`: see
+    `GLNet.local_maps`. Runs without grad.
     """
     targets = frozen_glob.context()
     # float32 canvases, also under autocast: they sum many patches
@@ -333,7 +379,8 @@ def local2global_collect(
 
     with torch.no_grad():
         for index, patches in patch_batches:
-            outputs.append(park(model.local_maps(patches, frozen_glob, grid, index, sink=take).output))
+            maps = model.local_maps(patches, frozen_glob, grid, index, sink=take, backbone_batch=backbone_batch)
+            outputs.append(park(maps.output))
     context = Maps.from_context([normalize_merged(c, template) for c in canvases])
     return LocalPass(
         context,

@@ -129,3 +129,47 @@ def test_global_only_model_takes_global_keys_of_a_full_file(saved):
     assert g.resnet_local is None and g.fpn_local is None
     load_checkpoint(g, str(path), global_keys)
     assert _equal(m, g, lambda k: "local" not in k)
+
+
+def test_plain_global_network_loads_from_a_full_file(saved):
+    """GLNet(local=False, context=False) (mode-1 evaluation, the frozen model of mode 3)
+    has only the plain global parts; a full file's other keys are skipped, not unexpected."""
+    m, path = saved
+    g = GLNet(7, local=False, context=False)
+    keys = set(g.state_dict())
+    assert g.ensemble_conv is None and not hasattr(g.fpn_global, "smooth")
+    assert not any(k.split(".")[1].endswith("_ext") for k in keys if k.startswith("fpn_global."))
+    assert {k for k in m.state_dict() if k.startswith("resnet_global.")} <= keys
+    assert "fpn_global.classify.weight" in keys and "fpn_global.smooth4_2.bias" in keys
+    load_checkpoint(g, str(path), global_keys)
+    assert _equal(g, m, lambda k: k in keys)
+    g.eval()
+    m.eval()
+    with torch.no_grad():
+        x = torch.rand(1, 3, 64, 64)
+        assert torch.equal(g(x), m(x))
+        with pytest.raises(ValueError, match="context"):
+            g.global_maps(x, m.global_maps(x))
+    # a file lacking one of its keys still fails
+    state = {k: v for k, v in torch.load(path, weights_only=True).items() if k != "module.fpn_global.toplayer.bias"}
+    bad = path.parent / "no_toplayer.pth"
+    torch.save(state, bad)
+    with pytest.raises(UserError, match="missing keys.*fpn_global.toplayer.bias"):
+        load_checkpoint(GLNet(7, local=False, context=False), str(bad), global_keys)
+
+
+def test_assign_loads_into_a_meta_model(saved, tmp_path):
+    """assign=True: a model built on the meta device takes the file's tensors (memory-mapped
+    for zip files); nothing stays on meta and the values are the file's."""
+    m, path = saved
+    with torch.device("meta"):
+        meta = GLNet(7)
+    load_checkpoint(meta, str(path), assign=True)
+    assert all(t.device.type == "cpu" for t in meta.state_dict().values())
+    assert _equal(meta, m)
+    # parameters stay parameters, with gradients allowed as before
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in meta.parameters())
+    with torch.device("meta"):
+        partial = GLNet(7)
+    with pytest.raises(ValueError, match="every key"):
+        load_checkpoint(partial, str(path), global_keys, assign=True)

@@ -309,6 +309,22 @@ def test_low_memory_paths_give_the_same_outputs(model):
     assert torch.allclose(lp.ps3, loc.ps3, atol=1e-5) and torch.allclose(lp.outputs, loc.output, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", [2, 3])
+def test_backbone_patch_by_patch_gives_the_same_scores(model, mode, monkeypatch):
+    """On the CPU inference runs the local ResNet one patch at a time (and the mode-3
+    ensemble one patch at a time); the scores must be those of whole sub-batches."""
+    assert helper.backbone_batch(torch.device("cpu")) == 1
+    assert helper.backbone_batch(torch.device("cuda")) is None
+    frozen = GLNet(7, local=False, context=False).eval() if mode == 3 else None
+    image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
+    one = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    monkeypatch.setattr(helper, "backbone_batch", lambda device: None)
+    whole = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    for name in ("global_", "local", "aggregated"):
+        a, b = getattr(one, name), getattr(whole, name)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+
+
 def test_bf16_autocast_runs_and_mostly_agrees(model):
     frozen = GLNet(7).eval()
     image, ig = _image(160, 160), torch.rand(1, 3, 64, 64)

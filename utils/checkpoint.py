@@ -110,12 +110,23 @@ def all_keys(key: str) -> bool:
     return True
 
 
-def load_checkpoint(model: nn.Module, path: str, select: Callable[[str], bool] = all_keys) -> None:
+def load_checkpoint(
+    model: nn.Module, path: str, select: Callable[[str], bool] = all_keys, assign: bool = False
+) -> None:
     """Load the keys of `model` chosen by `select` from `path`, strictly: every chosen
-    key must be in the file with the same shape, and the file must have no key the
-    model lacks. A mismatch is one UserError naming what differs."""
+    key must be in the file with the same shape, and the file must have no chosen key the
+    model lacks (keys of parts the model was built without, see `GLNet.omits`, are
+    skipped). A mismatch is one UserError naming what differs.
+
+    assign: the model's tensors become the file's tensors instead of copies of them
+    (`load_state_dict(assign=True)`): for a model built on the meta device, which then
+    costs neither an initialisation nor a second copy of the weights; with a zip file,
+    the weights stay memory-mapped from it. Every key of the model must be chosen.
+    """
     state = read_state_dict(path)
     own = {k: v for k, v in model.state_dict().items() if select(k)}
+    if assign and len(own) != len(model.state_dict()):
+        raise ValueError("assign=True needs a selection that covers every key of the model")
     file_classes = _n_class(state)
     if file_classes is not None and file_classes != _n_class(own):
         raise UserError(
@@ -123,7 +134,8 @@ def load_checkpoint(model: nn.Module, path: str, select: Callable[[str], bool] =
         )
     # Keys outside the selection (e.g. the local branch when only global keys are
     # taken) are not looked at; among the selected ones, all must match.
-    unexpected = [k for k in state if select(k) and k not in own]
+    omits = getattr(model, "omits", lambda key: False)
+    unexpected = [k for k in state if select(k) and k not in own and not omits(k)]
     missing = [k for k in own if k not in state]
     if missing or unexpected:
         parts = []
@@ -138,7 +150,7 @@ def load_checkpoint(model: nn.Module, path: str, select: Callable[[str], bool] =
         raise UserError(
             f"{path} does not fit GLNet: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
         )
-    model.load_state_dict({k: state[k] for k in own}, strict=False)
+    model.load_state_dict({k: state[k] for k in own}, strict=False, assign=assign)
 
 
 def _n_class(state: Mapping[str, torch.Tensor]) -> int | None:
