@@ -123,19 +123,23 @@ def score_grid(grid: PatchGrid, factor: int = 4) -> tuple[PatchGrid, int]:
     """The grid on which patch logits (at 1/4 of the patch) are summed, and its stride.
 
     The original resizes each patch's logits 'nearest' x4 and sums them at full
-    resolution. When the patch size and every start are multiples of 4 (DeepGlobe
-    2448/508: starts 0, 388, ..., 1940), that canvas is exactly the sum at 1/4
-    resolution with every cell repeated 4x4, so we sum at 1/4 (16x less memory and
-    work) and repeat the argmax. Otherwise we sum at full resolution.
+    resolution, so its canvas is constant on s x s cells whenever the patch size is a
+    multiple of 4 and every start a multiple of s. We sum on those cells (s = 4 for
+    DeepGlobe 2448/508, starts 0, 388, ..., 1940; s = 2 for 1224/508, starts 0, 358,
+    716): the very same sums with s*s times less memory and work, and the argmax is
+    repeated. Otherwise we sum at full resolution.
     """
-    s = factor
-    if grid.patch % s or any(t % s for t in grid.row_starts + grid.col_starts):
+    if grid.patch % factor:
         return grid, 1
-    small = PatchGrid(
-        grid.height // s, grid.width // s, grid.patch // s,
-        tuple(t // s for t in grid.row_starts), tuple(t // s for t in grid.col_starts),
-    )
-    return small, s
+    for s in range(factor, 1, -1):
+        if factor % s or any(t % s for t in grid.row_starts + grid.col_starts):
+            continue
+        small = PatchGrid(
+            grid.height // s, grid.width // s, grid.patch // s,
+            tuple(t // s for t in grid.row_starts), tuple(t // s for t in grid.col_starts),
+        )
+        return small, s
+    return grid, 1
 
 
 def upsample_canvas(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -167,7 +171,7 @@ def predict_scores(
     """Scores of one image: `image` (3, H, W) uint8 and `image_global` (1, 3, g, g) float,
     both on the model's device. mode 3 needs `frozen`, the frozen global model."""
     if mode == 1:
-        return Scores(model.global_maps(image_global).output, None, None)
+        return Scores(model.global_maps(image_global, lean=True).output, None, None)
     h, w = image.shape[-2:]
     grid = PatchGrid.for_size(h, w, size_p)
     sgrid, stride = score_grid(grid)
@@ -192,7 +196,10 @@ def predict_scores(
     )
     del template, fglob
     add_patch_scores(local, lp.outputs, sgrid, range(len(grid)))
-    glob = model.global_maps(image_global, lp.context)
+    # the merged canvases are handed over: the global FPN frees each level once used
+    context, lp = lp.context, lp._replace(context=None)
+    glob = model.global_maps(image_global, context, lean=True)
+    del context
     # the crops of the global ps3 (512 channels at the patch's 1/4) are the largest maps here:
     # on the CPU one patch at a time, like the local ResNet
     for index in sub_batches(len(grid), bb or sub_batch):

@@ -246,10 +246,13 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_glnet(n_class: int, mode: int, device, channels_last: bool = False, keep_frozen_state: bool = False):
-    """Deterministic random-init models: GLNet(n_class) after manual_seed(0) and, for mode 3,
-    a second GLNet as the frozen global model with its local parts dropped (as
-    train_deep_globe.build_models does). Returns (model, frozen, frozen_state): with
+def build_glnet(
+    n_class: int, mode: int, device, channels_last: bool = False, keep_frozen_state: bool = False,
+    training: bool = False,
+):
+    """Deterministic random-init models: GLNet(n_class) after manual_seed(0) (for mode-1
+    evaluation the plain global network) and, for mode 3, a second GLNet whose plain global network is the
+    frozen global model (as train_deep_globe.build_models does). Returns (model, frozen, frozen_state): with
     `keep_frozen_state`, the frozen model's full state dict from before the drop (to save it as
     a checkpoint), otherwise None."""
     import torch
@@ -257,13 +260,17 @@ def build_glnet(n_class: int, mode: int, device, channels_last: bool = False, ke
     from models import GLNet
 
     torch.manual_seed(0)
-    model = GLNet(n_class)
+    plain = mode == 1 and not training  # mode-1 evaluation needs only the plain global network
+    model = GLNet(n_class, local=False, context=False) if plain else GLNet(n_class)
     frozen, frozen_state = None, None
     if mode == 3:
-        frozen = GLNet(n_class)
+        full = GLNet(n_class)
         if keep_frozen_state:
-            frozen_state = frozen.state_dict()
-        frozen.resnet_local = frozen.fpn_local = None  # only its global branch is used
+            frozen_state = full.state_dict()
+        # only its plain global network is used
+        frozen = GLNet(n_class, local=False, context=False)
+        frozen.load_state_dict({k: v for k, v in full.state_dict().items() if k in frozen.state_dict()})
+        del full
         frozen.requires_grad_(False)
         frozen.to(device).eval()
     model.to(device)

@@ -287,7 +287,7 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
     def sample():
         while not stop.is_set():
             tree_peak[0] = max(tree_peak[0], B.process_tree_memory_mib(proc.pid))
-            stop.wait(0.2)
+            stop.wait(1.0)  # reading smaps_rollup often slows the measured process
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

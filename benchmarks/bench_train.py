@@ -113,7 +113,7 @@ def run_stage(args, mode: int, device) -> dict:
     import helper
 
     t0 = time.perf_counter()
-    model, frozen, _ = B.build_glnet(args.n_class, mode, device, args.channels_last)
+    model, frozen, _ = B.build_glnet(args.n_class, mode, device, args.channels_last, training=True)
     params = helper.configure_stage(model, mode)
     optimizer = helper.make_optimizer(params, MODE_LR[mode])
     batch = make_batch(args.batch_size, args.image_size, args.size_g, args.n_class, args.seed)

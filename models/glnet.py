@@ -76,18 +76,22 @@ class _FPNBase(nn.Module):
             self.classify = _conv(512, n_class, 3)
 
     def _init_weights(self) -> None:
-        # GLNET_SPEC.md section 1: FPN convs N(0, 0.01), bias 0.
+        # GLNET_SPEC.md section 1: FPN convs N(0, 0.01), bias 0. (Nothing to do on the
+        # meta device, where evaluation builds models that a checkpoint then fills.)
         for m in self.children():
+            if m.weight.is_meta:
+                continue
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.constant_(m.bias, 0.0)
 
-    def _pyramid(self, c, ext: Maps | None, sfx: str, sink=None) -> Maps:
+    def _pyramid(self, c, ext: Maps | None, sfx: str, sink=None, free_ext: bool = False) -> Maps:
         """Top-down pass and the two smoothing stages; with `ext`, the other
         branch's map at each level is concatenated after the own one.
 
         With `sink`, c is a list this call consumes, and each group (c, ps0, ps1)
         is handed to sink(name, maps) and dropped as soon as the FPN is done with
         it, so it is not alive while the larger later stages run (inference memory).
+        free_ext: ext's c, ps0 and ps1 are lists, emptied once used (same purpose).
         """
         L = lambda name: getattr(self, name + sfx)  # noqa: E731
         j = (lambda x, *_: x) if ext is None else (lambda x, e: _cat(x, e))
@@ -104,14 +108,20 @@ class _FPNBase(nn.Module):
             c.clear()
             c = ()
         del c2, c3, c4, c5
+        if free_ext:
+            e.c.clear()
         ps1 = tuple(L(f"smooth{k + 1}_1")(j(ps0[k], e.ps0[k])) for k in range(4))
         if sink is not None:
             sink("ps0", ps0)
             ps0 = ()
+        if free_ext:
+            e.ps0.clear()
         ps2 = tuple(L(f"smooth{k + 1}_2")(j(ps1[k], e.ps1[k])) for k in range(4))
         if sink is not None:
             sink("ps1", ps1)
             ps1 = ()
+        if free_ext:
+            e.ps1.clear()
         return Maps(c, ps0, ps1, ps2)
 
     @staticmethod
@@ -150,15 +160,23 @@ class FPNGlobal(_FPNBase):
             self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: Sequence[torch.Tensor], local: Maps | None = None) -> Maps:
+    def forward(self, c: Sequence[torch.Tensor], local: Maps | None = None, lean: bool = False) -> Maps:
+        """lean (inference): c is a list and `local`'s fields are lists, all emptied as
+        soon as used; the result holds only ps3 and output."""
+        sink = (lambda name, maps: None) if lean else None
         if local is None:
-            m = self._pyramid(c, None, "")
+            m = self._pyramid(c, None, "", sink)
             ps3 = self._concat_levels(m.ps2)
         else:
             if not self.with_context:
                 raise ValueError("this global FPN was built with context=False: it cannot take local maps")
-            m = self._pyramid(c, local, "_ext")
-            ps3 = self.smooth(self._concat_levels(m.ps2, local.ps2))
+            m = self._pyramid(c, local, "_ext", sink, free_ext=lean)
+            ps3 = self._concat_levels(m.ps2, local.ps2)
+            if lean:
+                local.ps2.clear()
+            ps3 = self.smooth(ps3)
+        if lean:
+            m = m._replace(ps2=())
         return m._replace(ps3=ps3, output=self.classify(ps3))
 
     @staticmethod
@@ -227,7 +245,7 @@ class GLNet(nn.Module):
         self.fpn_global = FPNGlobal(n_class, context)
         self.fpn_local = FPNLocal(n_class) if local else None
         self.ensemble_conv = _conv(128 * 4 * 2, n_class, 3) if context else None
-        if context:
+        if context and not self.ensemble_conv.weight.is_meta:
             nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)
 
     def omits(self, key: str) -> bool:
@@ -246,9 +264,13 @@ class GLNet(nn.Module):
         """Mode 1: class logits at 1/4 of the global image."""
         return self.global_maps(image_global).output
 
-    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None) -> Maps:
-        """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3)."""
-        return self.fpn_global(self.resnet_global(image_global), local)
+    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None, lean: bool = False) -> Maps:
+        """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3).
+
+        lean (inference): every map is dropped as soon as the FPN is done with it, those
+        of `local` too (its fields must be lists, which are emptied); the result then
+        holds only ps3 and output."""
+        return self.fpn_global(list(self.resnet_global(image_global)), local, lean)
 
     def local_maps(
         self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None,
@@ -381,7 +403,7 @@ def local2global_collect(
         for index, patches in patch_batches:
             maps = model.local_maps(patches, frozen_glob, grid, index, sink=take, backbone_batch=backbone_batch)
             outputs.append(park(maps.output))
-    context = Maps.from_context([normalize_merged(c, template) for c in canvases])
+    context = Maps.from_context([normalize_merged(c, template, inplace=True) for c in canvases])
     return LocalPass(
         context,
         torch.cat(outputs),

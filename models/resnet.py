@@ -60,8 +60,11 @@ class ResNet50Features(nn.Module):
                 layer.append(Bottleneck(cin, width, stride if b == 0 else 1))
                 cin = width * Bottleneck.expansion
             self.add_module(f"layer{k}", nn.Sequential(*layer))
-        # torchvision's initialisation (used when no ImageNet weights are loaded)
+        # torchvision's initialisation (used when no ImageNet weights are loaded; skipped
+        # on the meta device, where there is nothing to fill)
         for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and m.weight.is_meta:
+                continue
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

@@ -261,24 +261,27 @@ def test_mode3_single_backward_equals_per_subbatch_backward():
 
 
 @pytest.mark.parametrize("mode", [2, 3])
-def test_quarter_resolution_canvases_equal_full_resolution(model, mode, monkeypatch):
+@pytest.mark.parametrize("size, stride", [(240, 4), (228, 2)])
+def test_coarse_canvases_equal_full_resolution(model, mode, size, stride, monkeypatch):
     # 240 px with 128 px patches: starts 0, 56, 112 (multiples of 4), so scores are
-    # summed at 1/4; forcing the full-resolution sum must give the very same result.
+    # summed at 1/4; 228 px: starts 0, 50, 100 (even), summed at 1/2. Forcing the
+    # full-resolution sum must give the very same result.
     frozen = GLNet(7).eval() if mode == 3 else None
-    image, ig = _image(240, 240), torch.rand(1, 3, 64, 64)
-    grid = PatchGrid.for_size(240, 240, 128)
-    assert helper.score_grid(grid)[1] == 4
+    image, ig = _image(size, size), torch.rand(1, 3, 64, 64)
+    grid = PatchGrid.for_size(size, size, 128)
+    assert helper.score_grid(grid)[1] == stride
     fast = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
-    assert fast.stride == 4 and fast.local.shape == (7, 60, 60)
+    assert fast.stride == stride and fast.local.shape == (7, size // stride, size // stride)
     monkeypatch.setattr(helper, "score_grid", lambda g: (g, 1))
     full = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
-    assert full.stride == 1 and full.local.shape == (7, 240, 240)
+    assert full.stride == 1 and full.local.shape == (7, size, size)
     for name in ("local", "aggregated"):
-        assert torch.equal(helper.upsample_canvas(getattr(fast, name), 4), getattr(full, name))
+        assert torch.equal(helper.upsample_canvas(getattr(fast, name), stride), getattr(full, name))
 
 
 def test_score_grid_falls_back_when_unaligned():
     assert helper.score_grid(PatchGrid.for_size(2448, 2448, 508))[1] == 4
+    assert helper.score_grid(PatchGrid.for_size(1224, 1224, 508))[1] == 2  # starts 0, 358, 716
     assert helper.score_grid(PatchGrid.for_size(360, 420, 128))[1] == 1  # start 77
     assert helper.score_grid(PatchGrid.for_size(250, 250, 126))[1] == 1  # patch not /4
 

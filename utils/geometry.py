@@ -163,10 +163,11 @@ def merge_local(
     return canvas
 
 
-def normalize_merged(canvas: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-    """Divide a merge canvas (1, C, h, w) by the coverage template resized bilinearly to (h, w)."""
+def normalize_merged(canvas: torch.Tensor, template: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Divide a merge canvas (1, C, h, w) by the coverage template resized bilinearly to (h, w)
+    (inplace: into the canvas itself, the same values without a second canvas)."""
     t = F.interpolate(template, size=canvas.shape[-2:], mode="bilinear", align_corners=False)
-    return canvas / t
+    return canvas.div_(t) if inplace else canvas / t
 
 
 def merge_all(local_maps: torch.Tensor, grid: PatchGrid, size: Sequence[int], template: torch.Tensor) -> torch.Tensor:
