@@ -251,10 +251,10 @@ def build_glnet(
     training: bool = False,
 ):
     """Deterministic random-init models: GLNet(n_class) after manual_seed(0) (for mode-1
-    evaluation the plain global network) and, for mode 3, a second GLNet whose plain global network is the
-    frozen global model (as train_deep_globe.build_models does). Returns (model, frozen, frozen_state): with
-    `keep_frozen_state`, the frozen model's full state dict from before the drop (to save it as
-    a checkpoint), otherwise None."""
+    evaluation the plain global network) and, for mode 3, the plain global network as the frozen
+    global model (as train_deep_globe.build_models does). Returns (model, frozen, frozen_state):
+    with `keep_frozen_state`, the frozen model's state dict (to save it as a checkpoint),
+    otherwise None."""
     import torch
 
     from models import GLNet
@@ -264,13 +264,9 @@ def build_glnet(
     model = GLNet(n_class, local=False, context=False) if plain else GLNet(n_class)
     frozen, frozen_state = None, None
     if mode == 3:
-        full = GLNet(n_class)
+        frozen = GLNet(n_class, local=False, context=False)  # only its plain global network is used
         if keep_frozen_state:
-            frozen_state = full.state_dict()
-        # only its plain global network is used
-        frozen = GLNet(n_class, local=False, context=False)
-        frozen.load_state_dict({k: v for k, v in full.state_dict().items() if k in frozen.state_dict()})
-        del full
+            frozen_state = frozen.state_dict()
         frozen.requires_grad_(False)
         frozen.to(device).eval()
     model.to(device)
