@@ -222,7 +222,7 @@ def test_help_lists_every_flag():
                 "--evaluation", "--batch_size", "--sub_batch_size", "--size_g", "--size_p", "--path_g",
                 "--path_g2l", "--path_l2g", "--lamb_fmreg"]
     new = ["--num_epochs", "--lr", "--device", "--num_workers", "--seed", "--predictions_dir", "--test",
-           "--tta", "--backbone_weights", "--resume", "--no_progress", "--debug"]
+           "--tta", "--backbone_weights", "--resume", "--no_progress", "--debug", "--amp", "--compile"]
     flags = set(re.findall(r"(--[a-z_0-9]+)", proc.stdout))
     assert set(original) <= flags, set(original) - flags
     assert set(new) <= flags, set(new) - flags

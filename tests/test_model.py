@@ -328,6 +328,37 @@ def test_backbone_patch_by_patch_gives_the_same_scores(model, mode, monkeypatch)
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
 
 
+def test_channels_last_models_give_the_same_scores(model):
+    """CUDA runs the models in channels_last (train_deep_globe.tune_for_device); the code
+    around the convolutions (crops, merges, concatenations) must not depend on the layout.
+    Checked here on the CPU, where the layout is also accepted."""
+    import copy
+
+    frozen = GLNet(7, local=False, context=False).eval()
+    image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
+    ref = helper.predict_scores(model, 3, image, ig, 128, 4, frozen)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    fnhwc = copy.deepcopy(frozen).to(memory_format=torch.channels_last)
+    assert nhwc.fpn_local.smooth.weight.is_contiguous(memory_format=torch.channels_last)
+    got = helper.predict_scores(nhwc, 3, image, ig, 128, 4, fnhwc)
+    for name in ("global_", "local", "aggregated"):
+        assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4), name
+
+
+def test_compile_flag_compiles_in_place_and_keeps_keys():
+    import train_deep_globe
+
+    m = GLNet(3)
+    keys = list(m.state_dict())
+    train_deep_globe.tune_for_device((m, None), torch.device("cpu"), compile_=True)
+    assert list(m.state_dict()) == keys
+    for part in (m.resnet_global, m.resnet_local, m.fpn_global, m.fpn_local):
+        assert part._compiled_call_impl is not None
+    assert m.ensemble_conv._compiled_call_impl is None
+    # CPU: no layout change
+    assert m.fpn_local.smooth.weight.is_contiguous()
+
+
 def test_bf16_autocast_runs_and_mostly_agrees(model):
     frozen = GLNet(7).eval()
     image, ig = _image(160, 160), torch.rand(1, 3, 64, 64)
