@@ -121,6 +121,11 @@ def test_legacy_format_file_loads(saved, tmp_path):
     other = GLNet(7)
     load_checkpoint(other, str(path))
     assert _equal(m, other)
+    # as evaluation loads it: built on meta, tensors assigned (no memory map for this format)
+    with torch.device("meta"):
+        meta = GLNet(7, local=False, context=False)
+    load_checkpoint(meta, str(path), global_keys, assign=True)
+    assert _equal(meta, m, lambda k: k in meta.state_dict())
 
 
 def test_global_only_model_takes_global_keys_of_a_full_file(saved):
