@@ -73,7 +73,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue an interrupted training run from <model_path>/<task_name>.resume.pth")
     a("--no_progress", action="store_true", help="no progress bars")
     a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (autocast; fp16 training adds a GradScaler); default fp32, as the original")
-    a("--compile", action="store_true", help="torch.compile the ResNets and FPNs (slow first iterations; checkpoint keys unchanged)")
+    a("--compile", action="store_true", help="torch.compile the ResNets and the global FPN (slow first iterations; checkpoint keys unchanged)")
     a("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -181,6 +181,14 @@ def check_backbone_weights(args) -> None:
     from utils.errors import UserError
 
     source = args.backbone_weights
+    if source and source.lower() == "imagenet":
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is None:
+            raise UserError(
+                "--backbone_weights imagenet needs torchvision (pip install torchvision); "
+                "or give a ResNet-50 state-dict file, or none for random init"
+            )
     if source and source.lower() not in ("imagenet", "none", "random") and not os.path.isfile(source):
         raise UserError(f"--backbone_weights {source}: no such file; use imagenet, none, or a ResNet-50 state-dict file")
 
@@ -452,18 +460,23 @@ def build_models(args, device, init: bool = True):
         load_for_flag(model, args, "path_g2l", all_keys)
     frozen = None
     if mode == 3:
-        # only its plain global network is used (GLNET_SPEC.md section 5)
-        with torch.device("meta"):
+        # only its plain global network is used (GLNET_SPEC.md section 5). Evaluation maps
+        # it from the file; a training run (hours, days) holds its own copy, safe from
+        # anything that rewrites the file in place meanwhile.
+        if ev:
+            with torch.device("meta"):
+                frozen = GLNet(args.n_class, local=False, context=False)
+        else:
             frozen = GLNet(args.n_class, local=False, context=False)
-        load_for_flag(frozen, args, "path_g", global_keys, assign=True)
+        load_for_flag(frozen, args, "path_g", global_keys, assign=ev)
         frozen.requires_grad_(False)
         frozen.to(device).eval()
     return model.to(device), frozen
 
 
-def tune_for_device(models, device, compile_: bool = False) -> None:
+def tune_for_device(models, device, compile_: bool = False, compile_backend: str = "inductor") -> None:
     """On CUDA, weights in channels_last (NHWC), the layout in which cuDNN's convolutions
-    are fastest; with --compile, torch.compile each ResNet and FPN in place
+    are fastest; with --compile, torch.compile the ResNets and the global FPN in place
     (`nn.Module.compile`, so state-dict keys and checkpoints stay as they are)."""
     import torch
 
@@ -473,9 +486,11 @@ def tune_for_device(models, device, compile_: bool = False) -> None:
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
         if compile_:
-            for part in (m.resnet_global, m.resnet_local, m.fpn_global, m.fpn_local):
+            # Not fpn_local: its inputs carry the patch index (global crops, merge sinks),
+            # which the compiler would specialise on, recompiling for every patch.
+            for part in (m.resnet_global, m.resnet_local, m.fpn_global):
                 if part is not None:
-                    part.compile()
+                    part.compile(backend=compile_backend)
 
 
 def make_loader(dataset, args, device, shuffle: bool, batch_size: int, generator=None):

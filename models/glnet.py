@@ -174,6 +174,7 @@ class FPNGlobal(_FPNBase):
             ps3 = self._concat_levels(m.ps2, local.ps2)
             if lean:
                 local.ps2.clear()
+                m = m._replace(ps2=())
             ps3 = self.smooth(ps3)
         if lean:
             m = m._replace(ps2=())

@@ -16,6 +16,8 @@ import warnings
 import torch
 from torch import nn
 
+from utils.errors import UserError
+
 
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride) -> 1x1 (4x width) with batch norms, plus the shortcut."""
@@ -60,6 +62,9 @@ class ResNet50Features(nn.Module):
                 layer.append(Bottleneck(cin, width, stride if b == 0 else 1))
                 cin = width * Bottleneck.expansion
             self.add_module(f"layer{k}", nn.Sequential(*layer))
+        # torchvision's ResNet-50 builds its 1000-class `fc` at this point: drawing the same
+        # random numbers gives, for a given seed, the very weights torchvision's would have.
+        nn.Linear(512 * Bottleneck.expansion, 1000)
         # torchvision's initialisation (used when no ImageNet weights are loaded; skipped
         # on the meta device, where there is nothing to fill)
         for m in self.modules():
@@ -87,7 +92,12 @@ def imagenet_state_dict() -> dict[str, torch.Tensor] | None:
         from torchvision.models import ResNet50_Weights
 
         return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-    except Exception as e:  # offline, proxy, corrupt cache, no torchvision: all mean "no weights"
+    except ImportError as e:
+        raise UserError(
+            "--backbone_weights imagenet needs torchvision (pip install torchvision); "
+            "or give a ResNet-50 state-dict file, or none for random init"
+        ) from e
+    except Exception as e:  # offline, proxy, corrupt cache: all mean "no weights"
         warnings.warn(
             f"ImageNet ResNet-50 weights unavailable ({type(e).__name__}); "
             "the backbones start from random init",

@@ -178,3 +178,31 @@ def test_assign_loads_into_a_meta_model(saved, tmp_path):
         partial = GLNet(7)
     with pytest.raises(ValueError, match="every key"):
         load_checkpoint(partial, str(path), global_keys, assign=True)
+
+
+def test_channels_last_and_other_dtypes_load_as_plain_fp32(saved, tmp_path):
+    """A model trained in channels_last (CUDA) saves plain NCHW tensors; a file that holds
+    channels_last or float64 tensors anyway loads by assignment as plain float32, like a
+    copy into the model would."""
+    m, _ = saved
+    nhwc = GLNet(7, local=False, context=False).to(memory_format=torch.channels_last)
+    assert not nhwc.fpn_global.smooth1_1.weight.is_contiguous()
+    path = tmp_path / "nhwc.pth"
+    save_state_dict(nhwc, str(path))
+    assert all(v.is_contiguous() for v in torch.load(path, weights_only=True).values())
+
+    odd = tmp_path / "odd.pth"
+    state = {}
+    for k, v in m.state_dict().items():
+        if v.dim() == 4:
+            v = v.to(memory_format=torch.channels_last)
+        elif v.is_floating_point():
+            v = v.double()
+        state["module." + k] = v
+    torch.save(state, odd)
+    with torch.device("meta"):
+        meta = GLNet(7)
+    load_checkpoint(meta, str(odd), assign=True)
+    for k, v in meta.state_dict().items():
+        assert v.is_contiguous() and v.dtype == m.state_dict()[k].dtype, k
+    assert _equal(meta, m)

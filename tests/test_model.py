@@ -85,12 +85,24 @@ def test_backbone_is_torchvisions_resnet50():
             expected.append(t)
     for a, b in zip(c, expected):
         assert torch.equal(a, b)
-    # random init follows torchvision's: BN weight 1 / bias 0, He-normal (fan_out) convs
+    # random init is torchvision's, to the number, for the same seed
     torch.manual_seed(4)
     fresh = ResNet50Features()
-    assert torch.all(fresh.layer2[0].bn2.weight == 1) and torch.all(fresh.layer2[0].bn2.bias == 0)
-    w = fresh.layer3[0].conv2.weight  # 256 -> 256, 3x3: fan_out = 256 * 9
-    assert abs(w.std().item() - (2 / (256 * 9)) ** 0.5) < 0.002
+    torch.manual_seed(4)
+    tv_fresh = {k: v for k, v in torchvision.models.resnet50(weights=None).state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(v, tv_fresh[k]) for k, v in fresh.state_dict().items())
+
+
+def test_imagenet_weights_without_torchvision_is_a_clear_error(monkeypatch):
+    import sys
+
+    from models.resnet import imagenet_state_dict
+    from utils.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(UserError, match="needs torchvision"):
+        imagenet_state_dict()
 
 
 def _image(h, w):
@@ -345,18 +357,37 @@ def test_channels_last_models_give_the_same_scores(model):
         assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4), name
 
 
-def test_compile_flag_compiles_in_place_and_keeps_keys():
+def test_compile_flag_compiles_in_place_and_keeps_keys(model):
+    """--compile: the ResNets and the global FPN are compiled in place (same state-dict
+    keys), the scores stay those of eager mode, and an image with more patches compiles
+    nothing new (no specialisation on patch indices). The 'eager' backend keeps the test fast."""
+    import copy
+
+    import torch._dynamo
     import train_deep_globe
 
-    m = GLNet(3)
+    m = copy.deepcopy(model)
+    frozen = GLNet(7, local=False, context=False).eval()
+    image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
+    ref = helper.predict_scores(m, 3, image, ig, 128, 4, frozen)
     keys = list(m.state_dict())
-    train_deep_globe.tune_for_device((m, None), torch.device("cpu"), compile_=True)
+    torch._dynamo.reset()
+    train_deep_globe.tune_for_device((m, frozen), torch.device("cpu"), compile_=True, compile_backend="eager")
     assert list(m.state_dict()) == keys
-    for part in (m.resnet_global, m.resnet_local, m.fpn_global, m.fpn_local):
+    for part in (m.resnet_global, m.resnet_local, m.fpn_global, frozen.resnet_global, frozen.fpn_global):
         assert part._compiled_call_impl is not None
-    assert m.ensemble_conv._compiled_call_impl is None
-    # CPU: no layout change
-    assert m.fpn_local.smooth.weight.is_contiguous()
+    assert m.fpn_local._compiled_call_impl is None
+    assert m.fpn_local.smooth.weight.is_contiguous()  # CPU: no layout change
+    got = helper.predict_scores(m, 3, image, ig, 128, 4, frozen)
+    for name in ("global_", "local", "aggregated"):
+        assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6), name
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    # a wider image: 8 patches instead of 4, new patch indices, the same shapes
+    assert len(PatchGrid.for_size(160, 300, 128)) == 8
+    helper.predict_scores(m, 3, _image(160, 300), torch.rand(1, 3, 64, 64), 128, 4, frozen)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    torch._dynamo.reset()
 
 
 def test_bf16_autocast_runs_and_mostly_agrees(model):

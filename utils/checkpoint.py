@@ -79,7 +79,8 @@ def remove_stale_temps(path: str) -> list[str]:
 
 def save_state_dict(model: nn.Module, path: str) -> None:
     """Save the model's state dict with `module.`-prefixed keys (the original format)."""
-    atomic_save({PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    # contiguous: a model trained in channels_last (CUDA) still writes plain NCHW tensors
+    atomic_save({PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -150,6 +151,10 @@ def load_checkpoint(
         raise UserError(
             f"{path} does not fit GLNet: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
         )
+    if assign:
+        # as a copy into the model would: the model's dtype, plain layout (no-ops, so no
+        # copy and the memory map is kept, for the usual fp32 contiguous files)
+        state = {k: state[k].to(dtype=own[k].dtype).contiguous() for k in own}
     model.load_state_dict({k: state[k] for k in own}, strict=False, assign=assign)
 
 
