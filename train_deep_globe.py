@@ -38,10 +38,21 @@ RESUMED_ARGS = ESSENTIAL_ARGS + (
 CHECKPOINT_SOURCE = {"path_g": "--mode 1", "path_g2l": "--mode 2", "path_l2g": "--mode 3"}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where the help already says what it is (defaults that
+    depend on the mode) or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GLNet on DeepGlobe: --mode 1 global, 2 global2local, 3 local2global.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     # The original's flags, same meaning.
@@ -579,8 +590,9 @@ def first_nonfinite(model) -> str | None:
     return None
 
 
-def restore_training(model, optimizer, state: dict, path: str) -> tuple[int, float]:
-    """Model, optimizer and RNG states from a resume file; returns (epochs done, best score)."""
+def restore_training(model, optimizer, state: dict, path: str, scaler=None) -> tuple[int, float]:
+    """Model, optimizer, RNG (and fp16 GradScaler) states from a resume file; returns
+    (epochs done, best score)."""
     from utils.errors import UserError
 
     try:
@@ -592,10 +604,12 @@ def restore_training(model, optimizer, state: dict, path: str) -> tuple[int, flo
         ) from e
     if "rng" in state:
         set_rng_state(state["rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]), float(state["best"])
 
 
-def save_epoch(args, model, optimizer, epoch: int, score: float, best: float) -> float:
+def save_epoch(args, model, optimizer, epoch: int, score: float, best: float, scaler=None) -> float:
     """<task>.pth, .best.pth when `score` beats `best`, then .resume.pth, each atomically.
     The resume file goes last: once it is written, the epoch is done. Returns the new best."""
     from utils.checkpoint import atomic_copy, atomic_save, save_state_dict
@@ -607,7 +621,7 @@ def save_epoch(args, model, optimizer, epoch: int, score: float, best: float) ->
         atomic_copy(last_path, checkpoint_path(args, f"{args.task_name}.best.pth"))
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best,
-        "args": vars(args), "rng": rng_state(),
+        "args": vars(args), "rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None,
     }
     atomic_save(state, resume_path(args))
     return best
@@ -655,9 +669,11 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
         for name in remove_stale_temps(path):
             print(f"removed {name}, left by an interrupted write")
     command = command or resume_command(None)
+    # fp16 gradients can underflow: scale the loss (bf16 has float32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     start_epoch, best = 0, -1.0
     if state is not None:
-        start_epoch, best = restore_training(model, optimizer, state, res_path)
+        start_epoch, best = restore_training(model, optimizer, state, res_path, scaler)
         print(f"resumed from {res_path}: {start_epoch} of {args.num_epochs} epochs done, best mIoU {best:.4f}")
         if start_epoch >= args.num_epochs:
             print(f"nothing to do: all {args.num_epochs} epochs are done (a larger --num_epochs trains on)")
@@ -671,8 +687,6 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
     done = epoch = start_epoch  # done: epochs in the resume file
     position = f"in iteration 1 of {iters}"
     stop = GracefulStop()
-    # fp16 gradients can underflow: scale the loss (bf16 has float32's range and needs none)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     def on_iteration(i, lr, loss):
         nonlocal position
@@ -703,7 +717,7 @@ def run_training(args, device, model, frozen, datasets, state: dict | None = Non
                 )
                 val = {k: cm.miou() for k, cm in cms.items()}
                 position = "while saving"
-                best = save_epoch(args, model, optimizer, epoch, val[helper.MAIN_OUTPUT[args.mode]], best)
+                best = save_epoch(args, model, optimizer, epoch, val[helper.MAIN_OUTPUT[args.mode]], best, scaler)
                 done = epoch + 1
                 log_epoch(writer, log_file, args, epoch, stats, val, best, example, time.time() - t0)
                 stop.check()  # a signal during validation or saving stops here, with this epoch saved

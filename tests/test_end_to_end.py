@@ -228,3 +228,5 @@ def test_help_lists_every_flag():
     assert set(new) <= flags, set(new) - flags
     # Every default is visible (CONVENTIONS.md point 4), e.g. the original's 508 px and lamb 0.15.
     assert "default: 508" in proc.stdout and "default: 0.15" in proc.stdout
+    # ... and none is shown as "None" (mode-dependent ones say what they are in words)
+    assert "default: None" not in proc.stdout and "default: 120 for modes 1 and 3" in proc.stdout

@@ -657,3 +657,24 @@ def test_checkpoint_lacking_the_parts_the_mode_needs(tmp_path, data, full_checkp
     torch.save({k: v for k, v in state.items() if "local" not in k}, tmp_path / "g2l.pth")
     _assert_one_error_line(_with_checkpoints(tmp_path, data, 2, path_g2l="g2l.pth", evaluation=None),
                            "--path_g2l", "missing keys", "resnet_local", "--mode 2 training")
+
+
+def test_resume_file_keeps_the_fp16_grad_scaler_state(tmp_path):
+    """--amp fp16: the GradScaler's scale (which adapts during training) is saved with each
+    epoch and restored by --resume, so a resumed run does not restart from the initial scale."""
+    import argparse
+
+    from models import GLNet
+
+    args = argparse.Namespace(model_path=str(tmp_path), task_name="t", amp="fp16")
+    model = GLNet(3, local=False, context=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))
+    scaler.update(new_scale=1234.0)  # as if training had lowered it
+    train_deep_globe.save_epoch(args, model, optimizer, 0, 0.5, -1.0, scaler)
+    state = torch.load(train_deep_globe.resume_path(args), weights_only=False)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    epochs, best = train_deep_globe.restore_training(model, optimizer, state, "x", fresh)
+    assert (epochs, best) == (1, 0.5)
+    assert fresh.get_scale() == 1234.0
