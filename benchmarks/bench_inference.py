@@ -64,6 +64,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--precision", choices=B.PRECISIONS, default="fp32", help="fp32: no autocast; bf16/fp16: torch.autocast around the prediction")
     a("--threads", type=int, default=None, help="torch.set_num_threads (with --eval_cli: OMP_NUM_THREADS and MKL_NUM_THREADS of the child); None: torch's default")
     a("--channels_last", action="store_true", help="models in channels_last memory format")
+    a("--compile", action="store_true", help="as train_deep_globe.py --compile (torch.compile of the ResNets and the global FPN; compilation happens in the warm-up)")
     a("--n_images", type=int, default=3, help="timed images (all distinct; the warm-up reuses them)")
     a("--warmup", type=int, default=1, help="images run before the timed ones (not timed)")
     a("--tta", action="store_true", help="test-time augmentation (8 flips/rotations)")
@@ -86,8 +87,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     B.check_sizes(p, args, ("sub_batch_size", "n_class", "n_images", "batch_size"))
     if args.warmup < 0 or args.num_workers < 0:
         p.error("--warmup and --num_workers must be >= 0")
-    if args.eval_cli and (args.precision != "fp32" or args.channels_last):
-        p.error("--eval_cli times train_deep_globe.py as it is: fp32 only, no --channels_last")
+    if args.eval_cli and (args.precision != "fp32" or args.channels_last or args.compile):
+        p.error("--eval_cli times train_deep_globe.py as it is: fp32 only, no --channels_last, no --compile")
     if args.eval_cli and args.warmup:
         print("note: --warmup is ignored with --eval_cli (the whole process is timed)")
 
@@ -172,6 +173,10 @@ def run_in_process(args, device, data_dir: str) -> dict:
 
     t0 = time.perf_counter()
     model, frozen, _ = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
+    if args.compile:
+        from train_deep_globe import tune_for_device
+
+        tune_for_device((model, frozen), torch.device("cpu"), compile_=True)  # cpu: no layout change here
     build_s = time.perf_counter() - t0
     rss_after_build = B.current_rss_mib()
     ds = DeepGlobe(data_dir, "crossvali", args.size_g, args.size_p, args.n_class, labels=not args.no_labels)
@@ -357,7 +362,7 @@ def main(argv=None) -> int:
         "mode": args.mode, "image_size": [h, w], "size_g": args.size_g, "size_p": args.size_p,
         "sub_batch_size": args.sub_batch_size, "n_class": args.n_class, "device": str(device),
         "precision": args.precision, "threads": args.threads if args.eval_cli else torch.get_num_threads(),
-        "channels_last": args.channels_last, "n_images": args.n_images, "warmup": 0 if args.eval_cli else args.warmup,
+        "channels_last": args.channels_last, "compile": args.compile, "n_images": args.n_images, "warmup": 0 if args.eval_cli else args.warmup,
         "tta": args.tta, "labels": not args.no_labels, "save_predictions": args.save_predictions, "data": args.data,
         "eval_cli": args.eval_cli,
     }
