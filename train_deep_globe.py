@@ -108,6 +108,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         v = getattr(args, name)
         if v <= 0 or v % 4:
             raise UserError(f"--{name} must be a positive multiple of 4 (the FPN output is 1/4 of the input), got {v}")
+    trained = "size_p" if args.mode == 2 else "size_g"
+    if not args.evaluation and getattr(args, trained) <= 32:
+        raise UserError(
+            f"--{trained} must be more than 32 to train mode {args.mode}: at 32 px the ResNet's last stage "
+            f"is 1x1, and BatchNorm cannot train on a batch holding a single image or patch"
+        )
     for name in ("batch_size", "sub_batch_size", "n_class", "num_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -573,6 +573,12 @@ def test_sizes_must_be_positive_multiples_of_4(tmp_path, data, flag, value):
     _assert_one_error_line(_bad(tmp_path, data, flag, value), f"--{flag[2:]} must be a positive multiple of 4", str(value))
 
 
+@pytest.mark.parametrize("mode, flag", [("1", "--size_g"), ("2", "--size_p")])
+def test_training_sizes_of_32_or_less_are_refused(tmp_path, data, mode, flag):
+    # the trained branch's last ResNet stage would be 1x1: BatchNorm fails on a batch of one
+    _assert_one_error_line(_bad(tmp_path, data, "--mode", mode, flag, 32), f"{flag} must be more than 32", "BatchNorm")
+
+
 @pytest.mark.parametrize("flag", ["--batch_size", "--sub_batch_size"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_batch_sizes_must_be_at_least_1(tmp_path, data, flag, value):
