@@ -201,11 +201,10 @@ def check_backbone_weights(args) -> None:
     if source and source.lower() == "imagenet":
         import importlib.util
 
+        from models.resnet import NO_TORCHVISION
+
         if importlib.util.find_spec("torchvision") is None:
-            raise UserError(
-                "--backbone_weights imagenet needs torchvision (pip install torchvision); "
-                "or give a ResNet-50 state-dict file, or none for random init"
-            )
+            raise UserError(NO_TORCHVISION)
     if source and source.lower() not in ("imagenet", "none", "random") and not os.path.isfile(source):
         raise UserError(f"--backbone_weights {source}: no such file; use imagenet, none, or a ResNet-50 state-dict file")
 

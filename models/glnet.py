@@ -172,12 +172,12 @@ class FPNGlobal(_FPNBase):
                 raise ValueError("this global FPN was built with context=False: it cannot take local maps")
             m = self._pyramid(c, local, "_ext", sink, free_ext=lean)
             ps3 = self._concat_levels(m.ps2, local.ps2)
-            if lean:
-                local.ps2.clear()
-                m = m._replace(ps2=())
-            ps3 = self.smooth(ps3)
-        if lean:
+        if lean:  # the ps2 maps are in ps3 now: drop them before the convolutions below
             m = m._replace(ps2=())
+            if local is not None:
+                local.ps2.clear()
+        if local is not None:
+            ps3 = self.smooth(ps3)
         return m._replace(ps3=ps3, output=self.classify(ps3))
 
     @staticmethod

@@ -19,6 +19,12 @@ from torch import nn
 from utils.errors import UserError
 
 
+NO_TORCHVISION = (
+    "--backbone_weights imagenet needs torchvision (pip install torchvision); "
+    "or give a ResNet-50 state-dict file, or none for random init"
+)
+
+
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride) -> 1x1 (4x width) with batch norms, plus the shortcut."""
 
@@ -93,10 +99,7 @@ def imagenet_state_dict() -> dict[str, torch.Tensor] | None:
 
         return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except ImportError as e:
-        raise UserError(
-            "--backbone_weights imagenet needs torchvision (pip install torchvision); "
-            "or give a ResNet-50 state-dict file, or none for random init"
-        ) from e
+        raise UserError(NO_TORCHVISION) from e
     except Exception as e:  # offline, proxy, corrupt cache: all mean "no weights"
         warnings.warn(
             f"ImageNet ResNet-50 weights unavailable ({type(e).__name__}); "
