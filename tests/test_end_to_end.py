@@ -3,8 +3,6 @@ from its checkpoint, mode 3 from both, evaluation of mode 3 and a TTA test-split
 all through `train_deep_globe.cli` in this process (`--help` in a subprocess), on the CPU with
 random-init backbones, 64 px global images and 128 px patches.
 """
-import contextlib
-import io
 import json
 import math
 import os
@@ -18,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train_deep_globe
+from cli_helpers import load_state, run_cli
 from dataset.classes import CLASS_COLORS
 from dataset.synthetic import generate
 
@@ -31,18 +29,6 @@ LOCAL_PARTS = ("resnet_local", "fpn_local")
 # patches a side of 144..176 px gets 2 patches (overlap >= 80) and a side of 128 one patch, so
 # 4 + 2 patches for training, 4 + 2 for validation and 2 for the (8-fold TTA) test image.
 SIZES = [(176, 144), (128, 176), (144, 160), (160, 128), (128, 176)]
-
-
-def _cli(*argv):
-    """Run the entry point in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train_deep_globe.cli([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _part(key):
@@ -72,11 +58,11 @@ def run(tmp_path_factory):
     }
     results, states = {}, {}
     for name, extra in steps.items():
-        results[name] = _cli(*common, *extra)
+        results[name] = run_cli(*common, *extra)
         assert results[name][0] == 0, f"{name} failed:\n{results[name][2]}\n{results[name][1][-3000:]}"
         if name.startswith("mode"):  # snapshot: later runs do not overwrite, but be sure
             task = extra[3]
-            states[name] = _load(models / f"{task}.pth")
+            states[name] = load_state(models / f"{task}.pth")
     return {"root": root, "data": data, "models": models, "logs": logs, "preds": preds,
             "summary": summary, "results": results, "states": states}
 
@@ -100,7 +86,7 @@ def test_checkpoints_in_the_original_format(run):
     for task in ("g", "g2l", "l2g"):
         for suffix in (".pth", ".best.pth", ".resume.pth"):
             assert (models / f"{task}{suffix}").is_file(), task + suffix
-        state = _load(models / f"{task}.pth")
+        state = load_state(models / f"{task}.pth")
         assert len(state) == N_KEYS
         assert all(k.startswith("module.") for k in state)
         # Names, shapes and dtypes of the authors' file, key by key.

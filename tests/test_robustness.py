@@ -13,8 +13,6 @@ Runs on the CPU on tiny synthetic data (64 px global images, 128 px patches, ran
 Interrupted runs are real subprocesses; a small wrapper (HOOKS below) makes them stop at an
 exact point so that the signals and kills land where the test says.
 """
-import contextlib
-import io
 import os
 import re
 import shlex
@@ -31,6 +29,7 @@ import torch
 from PIL import Image
 
 import train_deep_globe
+from cli_helpers import load_state, run_cli
 from dataset.synthetic import generate
 from utils.checkpoint import atomic_save, remove_stale_temps, save_state_dict
 
@@ -131,18 +130,6 @@ def _signal_at(proc, marker, signum, timeout=300):
     return _finish(proc)
 
 
-def _cli(*argv):
-    """The entry point in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train_deep_globe.cli([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -209,12 +196,12 @@ def chain(data, tmp_path_factory):
     res["B1_files"] = sorted(p.name for p in (b / "models").iterdir())
     # What the kill left under the final names (B3 overwrites them later).
     models = b / "models"
-    resume, last = _load(models / f"{TASK}.resume.pth"), _load(models / f"{TASK}.pth")
+    resume, last = load_state(models / f"{TASK}.resume.pth"), load_state(models / f"{TASK}.pth")
     res["B1_saved"] = {
         "resume_epoch": resume["epoch"],
         "prefixed": all(k.startswith("module.") for k in last),
         "last_is_resume_model": _same_tensors({k.removeprefix("module."): v for k, v in last.items()}, resume["model"]),
-        "best_is_last": _same_tensors(_load(models / f"{TASK}.best.pth"), last),
+        "best_is_last": _same_tensors(load_state(models / f"{TASK}.best.pth"), last),
     }
     del resume, last
     res["B1_log"] = _epoch_lines(b / "runs" / f"{TASK}.log")
@@ -272,8 +259,8 @@ def test_sigint_stops_after_the_iteration_and_prints_the_resume_command(chain):
 def test_resume_gives_the_same_weights_and_metrics_as_a_straight_run(chain):
     a, b = chain["a"], chain["b"]
     for name in (f"{TASK}.pth", f"{TASK}.best.pth"):
-        assert _same_tensors(_load(a / "models" / name), _load(b / "models" / name)), name
-    ra, rb = _load(a / "models" / f"{TASK}.resume.pth"), _load(b / "models" / f"{TASK}.resume.pth")
+        assert _same_tensors(load_state(a / "models" / name), load_state(b / "models" / name)), name
+    ra, rb = load_state(a / "models" / f"{TASK}.resume.pth"), load_state(b / "models" / f"{TASK}.resume.pth")
     assert ra["epoch"] == rb["epoch"] == 2 and ra["best"] == rb["best"]
     assert _same_tensors(ra["model"], rb["model"])
     sa, sb = ra["optimizer"]["state"], rb["optimizer"]["state"]
@@ -290,7 +277,7 @@ def test_resume_with_a_different_essential_arg_is_an_error(chain, data, tmp_path
     _hardlink_copy(chain["b"], tmp_path / "b")
     base = _run_args(data, tmp_path / "b", "--num_workers", 0)
     for flag, value in (("--size_p", 256), ("--mode", 2), ("--n_class", 5), ("--batch_size", 2), ("--size_g", 128)):
-        rc, out, err = _cli(*base, flag, value, "--resume")
+        rc, out, err = run_cli(*base, flag, value, "--resume")
         assert rc == 2, (flag, err)
         assert err.startswith(f"error: --resume: {flag} {value} differs from the interrupted run"), err
         assert err.count("\n") == 1 and "another --task_name" in err
@@ -301,7 +288,7 @@ def test_resume_restores_the_args_not_given_again(chain, data, tmp_path):
     the run is complete, so there is nothing to do."""
     _hardlink_copy(chain["b"], tmp_path / "b")
     models, runs = tmp_path / "b" / "models", tmp_path / "b" / "runs"
-    rc, out, err = _cli("--model_path", models, "--log_path", runs, "--task_name", TASK, "--device", "cpu",
+    rc, out, err = run_cli("--model_path", models, "--log_path", runs, "--task_name", TASK, "--device", "cpu",
                         "--num_workers", 0, "--no_progress", "--resume")
     assert rc == 0, err
     assert "size_g=64" in out and "batch_size=1" in out and "num_epochs=2" in out
@@ -312,8 +299,8 @@ def test_resume_restores_the_args_not_given_again(chain, data, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(chain, data, tmp_path):
     _hardlink_copy(chain["b"], tmp_path / "b")
     models = tmp_path / "b" / "models"
-    before = _load(models / f"{TASK}.pth")
-    rc, out, err = _cli(*_run_args(data, tmp_path / "b", "--num_workers", 0), "--resume",
+    before = load_state(models / f"{TASK}.pth")
+    rc, out, err = run_cli(*_run_args(data, tmp_path / "b", "--num_workers", 0), "--resume",
                         "--num_epochs", 3, "--lr", 1e30)
     assert rc == 2, err
     assert "note: --num_epochs 3 replaces 2" in err and "note: --lr 1e+30 replaces" in err
@@ -321,8 +308,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(chain, data, t
     assert len(line) == 1 and "Traceback" not in err
     assert "non-finite loss nan at epoch 3, iteration 2 of 2 (focal_global nan): training stopped" in line[0], line[0]
     assert f"the weights of the last good epoch (2) are in {models / TASK}.pth" in line[0]
-    assert _same_tensors(_load(models / f"{TASK}.pth"), before)
-    assert _load(models / f"{TASK}.resume.pth")["epoch"] == 2
+    assert _same_tensors(load_state(models / f"{TASK}.pth"), before)
+    assert load_state(models / f"{TASK}.resume.pth")["epoch"] == 2
     assert "epoch 3/3" not in out
 
 
@@ -372,7 +359,7 @@ def test_sigterm_during_validation_saves_the_epoch_and_exits_143(data, tmp_path)
     assert "interrupted by SIGTERM (after epoch 1); epochs 1..1 are saved in" in err
     assert err.strip().splitlines()[-1].strip().endswith("--resume")
     assert "Traceback" not in err
-    assert _load(tmp_path / "models" / f"{TASK}.resume.pth")["epoch"] == 1
+    assert load_state(tmp_path / "models" / f"{TASK}.resume.pth")["epoch"] == 1
     assert len(_epoch_lines(tmp_path / "runs" / f"{TASK}.log")) == 1
 
 
@@ -406,7 +393,7 @@ def test_atomic_save_killed_mid_write_leaves_the_old_file(tmp_path):
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait()
-    assert _same_tensors(_load(path), old)
+    assert _same_tensors(load_state(path), old)
     temps = [p for p in tmp_path.iterdir() if p != path]
     assert len(temps) == 1 and temps[0].name.startswith("c.pth.") and temps[0].stat().st_size > 1000000
     assert remove_stale_temps(str(path)) == [str(temps[0])]
@@ -451,10 +438,10 @@ def test_images_smaller_than_the_patch_are_padded(tmp_path, full_checkpoint):
     common = ["--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r", "--mode", 2,
               "--batch_size", 2, "--sub_batch_size", 2, "--num_epochs", 1, "--num_workers", 0, "--path_g", "g.pth",
               "--path_g2l", "g2l.pth", *FAST]
-    rc, out, err = _cli(*common, "--task_name", "g2l")
+    rc, out, err = run_cli(*common, "--task_name", "g2l")
     assert rc == 0, err
     assert "epoch 1/1" in out
-    rc, out, err = _cli(*common, "--task_name", "ev", "--evaluation", "--predictions_dir", tmp_path / "p")
+    rc, out, err = run_cli(*common, "--task_name", "ev", "--evaluation", "--predictions_dir", tmp_path / "p")
     assert rc == 0, err
     assert "mIoU aggregated" in out
     preds = list((tmp_path / "p").iterdir())
@@ -490,7 +477,7 @@ def bad_data(tmp_path):
 
 
 def _bad(tmp_path, data, *extra, workers=0):
-    return _cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
+    return run_cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
                 "--num_epochs", 1, "--batch_size", 2, "--num_workers", workers, *FAST, *extra)
 
 
@@ -587,14 +574,14 @@ def test_batch_sizes_must_be_at_least_1(tmp_path, data, flag, value):
 
 def test_model_path_not_writable(tmp_path, data):
     (tmp_path / "a_file").write_text("x")
-    rc, out, err = _cli("--data_path", data, "--model_path", tmp_path / "a_file" / "sub", "--log_path",
+    rc, out, err = run_cli("--data_path", data, "--model_path", tmp_path / "a_file" / "sub", "--log_path",
                         tmp_path / "r", *FAST)
     _assert_one_error_line((rc, out, err), "--model_path", "a_file/sub", "is not a writable folder")
 
 
 def test_log_path_not_writable(tmp_path, data):
     (tmp_path / "a_file").write_text("x")
-    rc, out, err = _cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "a_file", *FAST)
+    rc, out, err = run_cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "a_file", *FAST)
     _assert_one_error_line((rc, out, err), "--log_path", "is not a writable folder")
 
 
@@ -620,7 +607,7 @@ def test_resume_file_that_is_damaged(tmp_path, data):
 
 
 def test_backbone_weights_file_missing(tmp_path, data):
-    _assert_one_error_line(_cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
+    _assert_one_error_line(run_cli("--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
                                 *FAST, "--backbone_weights", tmp_path / "r50.pth"),
                            "--backbone_weights", "r50.pth: no such file")
 
@@ -630,7 +617,7 @@ def test_backbone_weights_file_missing(tmp_path, data):
 def _with_checkpoints(tmp_path, data, mode, **flags):
     """Mode `mode` with checkpoints in tmp_path; flags without a value are None."""
     flags = [x for k, v in flags.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
-    return _cli("--data_path", data, "--model_path", tmp_path, "--log_path", tmp_path / "r", "--mode", mode,
+    return run_cli("--data_path", data, "--model_path", tmp_path, "--log_path", tmp_path / "r", "--mode", mode,
                 *FAST, "--num_workers", 0, *flags)
 
 
@@ -659,7 +646,7 @@ def test_checkpoint_of_another_class_count(tmp_path, data):
 
 def test_checkpoint_lacking_the_parts_the_mode_needs(tmp_path, data, full_checkpoint):
     """Mode 2 evaluation needs the local branch; a global-only file lacks it."""
-    state = _load(full_checkpoint)
+    state = load_state(full_checkpoint)
     torch.save({k: v for k, v in state.items() if "local" not in k}, tmp_path / "g2l.pth")
     _assert_one_error_line(_with_checkpoints(tmp_path, data, 2, path_g2l="g2l.pth", evaluation=None),
                            "--path_g2l", "missing keys", "resnet_local", "--mode 2 training")
