@@ -1,0 +1,101 @@
+"""Writes tests/data/parity_7e34ebe.pt: the outputs of the code at commit 7e34ebe (before the
+architecture rework of issue 10) on small synthetic setups, so that tests/test_parity.py can
+prove that later code gives the very same predictions, metrics and training losses.
+
+It uses the APIs of that commit and is kept for provenance, not run by the tests:
+
+    git worktree add /tmp/base 7e34ebe && cd /tmp/base && python /path/to/make_parity_fixture.py OUT.pt
+
+Inputs are random (torch generators with fixed seeds) and stored in the file with the outputs.
+"""
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import helper
+from dataset.deep_globe import _pad, _to_float
+from models import GLNet
+
+SIZE_G, SIZE_P, SUB = 64, 128, 3
+IMAGE_SIZES = [(160, 200), (228, 228), (100, 140)]  # the last is padded to 128 x 140
+TRAIN_SIZES = [(160, 160), (128, 200)]
+
+
+def sample(h, w, seed, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    label = torch.randint(0, 7, (h, w), dtype=torch.uint8, generator=g)
+    im = Image.fromarray(image.permute(1, 2, 0).numpy())
+    ph, pw = max(h, SIZE_P), max(w, SIZE_P)
+    im = _pad(im, ph, pw, (0, 0, 0))
+    lab = _pad(Image.fromarray(label.numpy()), ph, pw, 255)
+    return {
+        "raw_image": image, "raw_label": label,
+        "image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
+        "image_global": _to_float(im.resize((SIZE_G, SIZE_G), Image.BILINEAR)),
+        "label": torch.from_numpy(np.asarray(lab).copy()),
+        "label_global": torch.from_numpy(np.asarray(lab.resize((SIZE_G // 4, SIZE_G // 4), Image.NEAREST)).astype(np.int64)),
+        "size": (h, w), "id": f"img{seed}",
+    }
+
+
+def batch_of(samples):
+    out = {k: [s[k] for s in samples] for k in samples[0]}
+    out["image_global"] = torch.stack(out["image_global"])
+    out["label_global"] = torch.stack(out["label_global"])
+    return out
+
+
+def models(seed):
+    torch.manual_seed(seed)
+    model = GLNet(7).eval()
+    torch.manual_seed(seed + 1)
+    frozen = GLNet(7, local=False, context=False).eval()
+    return model, frozen
+
+
+def main(out):
+    fixture = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "size_g": SIZE_G, "size_p": SIZE_P, "sub_batch": SUB}
+    samples = [sample(h, w, 100 + i) for i, (h, w) in enumerate(IMAGE_SIZES)]
+    fixture["eval_samples"] = samples
+    model, frozen = models(11)
+    scores = {}
+    for mode in (1, 2, 3):
+        for i, s in enumerate(samples):
+            sc = helper.predict_scores(model, mode, s["image"], s["image_global"][None], SIZE_P, SUB, frozen)
+            scores[(mode, i)] = {"global": sc.global_, "local": sc.local, "aggregated": sc.aggregated, "stride": sc.stride}
+    fixture["scores"] = scores
+    fixture["tta_mode3_image0"] = helper.predict(
+        model, 3, samples[0]["image"], samples[0]["image_global"][None], SIZE_P, SUB, frozen, tta=True)
+    cms = {}
+    for mode in (1, 2, 3):
+        loader = [batch_of(samples[:2]), batch_of(samples[2:])]
+        got, _ = helper.evaluate(model, loader, mode, torch.device("cpu"), 7, SIZE_P, SUB, frozen, progress=False)
+        cms[mode] = {k: cm.matrix.clone() for k, cm in got.items()}
+    fixture["confusion"] = cms
+
+    train = [sample(h, w, 200 + i) for i, (h, w) in enumerate(TRAIN_SIZES)]
+    train2 = [sample(h, w, 300 + i) for i, (h, w) in enumerate(reversed(TRAIN_SIZES))]
+    fixture["train_samples"] = [train, train2]
+    training = {}
+    for mode in (1, 2, 3):
+        model, frozen = models(21)
+        params = helper.configure_stage(model, mode)
+        opt = helper.make_optimizer(params, 1e-4)
+        losses = []
+        helper.train_one_epoch(
+            model, [batch_of(train), batch_of(train2)], opt, mode, 0, 2, 1e-4, torch.device("cpu"), 7, SIZE_P, SUB,
+            0.15, frozen if mode == 3 else None, progress=False,
+            on_iteration=lambda i, lr, loss: losses.append(loss),
+        )
+        sums = {k: v.double().sum().item() for k, v in model.state_dict().items() if v.is_floating_point()}
+        training[mode] = {"losses": losses, "param_sums": sums}
+    fixture["training"] = training
+    torch.save(fixture, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
