@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.classes import colorize
-from models.glnet import GLNet, Maps, global2local, local2global_collect, local2global_ensemble
+from models.glnet import GLNet, Maps, Release, global2local, local2global_collect, local2global_ensemble
 from utils.geometry import PatchGrid, add_patch_scores, coverage_template
 from utils.loss import focal_loss
 from utils.lr_scheduler import poly_lr, set_lr
@@ -172,7 +172,7 @@ def predict_scores(
     """Scores of one image: `image` (3, H, W) uint8 and `image_global` (1, 3, g, g) float,
     both on the model's device. mode 3 needs `frozen`, the frozen global model."""
     if mode == 1:
-        return Scores(model.global_maps(image_global, lean=True).output, None, None)
+        return Scores(model.global_maps(image_global, policy=Release(other=True)).output, None, None)
     h, w = image.shape[-2:]
     grid = PatchGrid.for_size(h, w, size_p)
     sgrid, stride = score_grid(grid)
@@ -199,7 +199,7 @@ def predict_scores(
     add_patch_scores(local, lp.outputs, sgrid, range(len(grid)))
     # the merged canvases are handed over: the global FPN frees each level once used
     context, lp = lp.context, lp._replace(context=None)
-    glob = model.global_maps(image_global, context, lean=True)
+    glob = model.global_maps(image_global, context, Release(other=True))
     del context
     # the crops of the global ps3 (512 channels at the patch's 1/4) are the largest maps here:
     # on the CPU one patch at a time, like the local ResNet

@@ -55,9 +55,38 @@ def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=k, stride=1, padding=k // 2)
 
 
+class Keep:
+    """Memory policy of an FPN pass that keeps every map (training: autograd needs them;
+    mode 2 crops all of the global maps)."""
+
+    def release(self, group: str, own: list, other) -> None:
+        pass
+
+
+class Release:
+    """Memory policy of inference: each group of maps (c, ps0, ps1, ps2) is handed to
+    `sink(group, maps)` if given and then dropped as soon as the FPN is done with it, so
+    that it is not alive while the larger later stages run. other=True: the other
+    branch's group goes too (its fields must then be lists, which are emptied)."""
+
+    def __init__(self, sink=None, other: bool = False) -> None:
+        self.sink, self.other = sink, other
+
+    def release(self, group: str, own: list, other) -> None:
+        if self.sink is not None:
+            self.sink(group, tuple(own))
+        own.clear()
+        if self.other and other is not None:
+            other.clear()
+
+
+KEEP = Keep()
+_LATERAL = ("toplayer", "latlayer1", "latlayer2", "latlayer3")  # p5, p4, p3, p2
+
+
 class _FPNBase(nn.Module):
-    """Top-down layers shared by both FPNs; `fold` = 2 doubles the input channels
-    where the other branch's maps are concatenated."""
+    """The FPN of GLNET_SPEC.md sections 2-3, shared by both branches; `fold` = 2 doubles
+    the input channels where the other branch's maps are concatenated."""
 
     def _make_layers(self, n_class: int, fold: int, suffix: str, with_classify: bool) -> None:
         layers = {
@@ -84,45 +113,31 @@ class _FPNBase(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.constant_(m.bias, 0.0)
 
-    def _pyramid(self, c, ext: Maps | None, sfx: str, sink=None, free_ext: bool = False) -> Maps:
-        """Top-down pass and the two smoothing stages; with `ext`, the other
-        branch's map at each level is concatenated after the own one.
+    def _run(self, c: list, other: Maps | None, sfx: str, policy=KEEP) -> Maps:
+        """The FPN on backbone maps c = [c2, c3, c4, c5] (a list). With `other`, the other
+        branch's map of each level is concatenated after the own one, the layers are those
+        named with `sfx`, and ps3 is smoothed. `policy` decides what happens to each group
+        of maps once the FPN is done with it (Keep, Release)."""
+        layer = lambda name: getattr(self, name + sfx)  # noqa: E731
+        o = other if other is not None else Maps([None] * 4, [None] * 4, [None] * 4, [None] * 4)
 
-        With `sink`, c is a list this call consumes, and each group (c, ps0, ps1)
-        is handed to sink(name, maps) and dropped as soon as the FPN is done with
-        it, so it is not alive while the larger later stages run (inference memory).
-        free_ext: ext's c, ps0 and ps1 are lists, emptied once used (same purpose).
-        """
-        L = lambda name: getattr(self, name + sfx)  # noqa: E731
-        j = (lambda x, *_: x) if ext is None else (lambda x, e: _cat(x, e))
-        e = ext if ext is not None else Maps([None] * 4, [None] * 4, [None] * 4, [None] * 4)
-        c2, c3, c4, c5 = c
-        p5 = L("toplayer")(j(c5, e.c[3]))
-        p4 = _up(p5, c4) + L("latlayer1")(j(c4, e.c[2]))
-        p3 = _up(p4, c3) + L("latlayer2")(j(c3, e.c[1]))
-        p2 = _up(p3, c2) + L("latlayer3")(j(c2, e.c[0]))
-        ps0 = (p5, p4, p3, p2)
-        del p5, p4, p3, p2
-        if sink is not None:
-            sink("c", (c2, c3, c4, c5))
-            c.clear()
-            c = ()
-        del c2, c3, c4, c5
-        if free_ext:
-            e.c.clear()
-        ps1 = tuple(L(f"smooth{k + 1}_1")(j(ps0[k], e.ps0[k])) for k in range(4))
-        if sink is not None:
-            sink("ps0", ps0)
-            ps0 = ()
-        if free_ext:
-            e.ps0.clear()
-        ps2 = tuple(L(f"smooth{k + 1}_2")(j(ps1[k], e.ps1[k])) for k in range(4))
-        if sink is not None:
-            sink("ps1", ps1)
-            ps1 = ()
-        if free_ext:
-            e.ps1.clear()
-        return Maps(c, ps0, ps1, ps2)
+        def join(x, y):
+            return x if y is None else _cat(x, y)
+
+        ps0 = []  # p5, p4, p3, p2: top-down, from c5 to c2
+        for k, name in enumerate(_LATERAL):
+            lateral = lambda: layer(name)(join(c[3 - k], o.c[3 - k]))  # noqa: E731
+            ps0.append(lateral() if k == 0 else _up(ps0[-1], c[3 - k]) + lateral())
+        policy.release("c", c, o.c)
+        ps1 = [layer(f"smooth{k + 1}_1")(join(ps0[k], o.ps0[k])) for k in range(4)]
+        policy.release("ps0", ps0, o.ps0)
+        ps2 = [layer(f"smooth{k + 1}_2")(join(ps1[k], o.ps1[k])) for k in range(4)]
+        policy.release("ps1", ps1, o.ps1)
+        ps3 = self._concat_levels(ps2, other.ps2 if other is not None else None)
+        policy.release("ps2", ps2, o.ps2)
+        if other is not None:
+            ps3 = self.smooth(ps3)
+        return Maps(c, ps0, ps1, ps2, ps3, self.classify(ps3))
 
     @staticmethod
     def _concat_levels(own: Sequence[torch.Tensor], other: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -160,25 +175,11 @@ class FPNGlobal(_FPNBase):
             self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: Sequence[torch.Tensor], local: Maps | None = None, lean: bool = False) -> Maps:
-        """lean (inference): c is a list and `local`'s fields are lists, all emptied as
-        soon as used; the result holds only ps3 and output."""
-        sink = (lambda name, maps: None) if lean else None
-        if local is None:
-            m = self._pyramid(c, None, "", sink)
-            ps3 = self._concat_levels(m.ps2)
-        else:
-            if not self.with_context:
-                raise ValueError("this global FPN was built with context=False: it cannot take local maps")
-            m = self._pyramid(c, local, "_ext", sink, free_ext=lean)
-            ps3 = self._concat_levels(m.ps2, local.ps2)
-        if lean:  # the ps2 maps are in ps3 now: drop them before the convolutions below
-            m = m._replace(ps2=())
-            if local is not None:
-                local.ps2.clear()
-        if local is not None:
-            ps3 = self.smooth(ps3)
-        return m._replace(ps3=ps3, output=self.classify(ps3))
+    def forward(self, c: list, local: Maps | None = None, policy=KEEP) -> Maps:
+        """c: the global backbone's maps (a list); `local`: the merged local maps (mode 3)."""
+        if local is not None and not self.with_context:
+            raise ValueError("this global FPN was built with context=False: it cannot take local maps")
+        return self._run(c, local, "" if local is None else "_ext", policy)
 
     @staticmethod
     def is_context_key(name: str) -> bool:
@@ -197,16 +198,8 @@ class FPNLocal(_FPNBase):
         self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: Sequence[torch.Tensor], glob: Maps, sink=None) -> Maps:
-        """sink: see `_pyramid`; ps2 goes to it too once ps3 is made, and the
-        returned Maps then holds only ps3 and output."""
-        m = self._pyramid(c, glob, "", sink)
-        ps3 = self._concat_levels(m.ps2, glob.ps2)
-        if sink is not None:
-            sink("ps2", m.ps2)
-            m = m._replace(ps2=())
-        ps3 = self.smooth(ps3)
-        return m._replace(ps3=ps3, output=self.classify(ps3))
+    def forward(self, c: list, glob: Maps, policy=KEEP) -> Maps:
+        return self._run(c, glob, "", policy)
 
 
 class _Crops:
@@ -221,6 +214,15 @@ class _Crops:
 
     def __getitem__(self, k: int) -> torch.Tensor:
         return crop_global(self.maps[k], self.grid, self.index, self.sizes[k])
+
+
+def _context(glob: Maps, sizes, grid: PatchGrid, index: Sequence[int]) -> Maps:
+    """The global maps as the local FPN's context for patches `index`: crops resized to
+    the local sizes (c2..c5 sizes; p5..p2 have the sizes of c5..c2), made when used."""
+    return Maps(
+        _Crops(glob.c, sizes, grid, index),
+        *(_Crops(level, sizes[::-1], grid, index) for level in (glob.ps0, glob.ps1, glob.ps2)),
+    )
 
 
 class GLNet(nn.Module):
@@ -265,41 +267,30 @@ class GLNet(nn.Module):
         """Mode 1: class logits at 1/4 of the global image."""
         return self.global_maps(image_global).output
 
-    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None, lean: bool = False) -> Maps:
+    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None, policy=KEEP) -> Maps:
         """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3).
+        policy=Release(other=True) (inference): every map is dropped once the FPN is done
+        with it, those of `local` too (its fields must be lists, which are emptied); the
+        result then holds only ps3 and output."""
+        return self.fpn_global(list(self.resnet_global(image_global)), local, policy)
 
-        lean (inference): every map is dropped as soon as the FPN is done with it, those
-        of `local` too (its fields must be lists, which are emptied); the result then
-        holds only ps3 and output."""
-        return self.fpn_global(list(self.resnet_global(image_global)), local, lean)
+    def local_maps(self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int]) -> Maps:
+        """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with crops of
+        one image's global maps `glob` (batch of 1) as context (section 3)."""
+        c = self.resnet_local(patches)
+        return self.fpn_local(list(c), _context(glob, [x.shape[-2:] for x in c], grid, index))
 
-    def local_maps(
-        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink=None,
+    def local_maps_released(
+        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink,
         backbone_batch: int | None = None,
-    ) -> Maps:
-        """Local branch on patches (n, 3, p, p) = patches `index` of `grid`, with
-        crops of one image's global maps `glob` (batch of 1) as context.
+    ) -> torch.Tensor:
+        """`local_maps` for inference: the FPN runs one patch at a time and hands each
+        patch's c, ps0, ps1, ps2 and ps3 to sink(group, maps, [patch index]) as soon as it
+        is done with them (then drops them); returns the logits of all patches.
+        `backbone_batch` patches at a time go through the ResNet (default: all).
 
-        sink(name, maps, patch_index), if given, receives each patch's c, ps0, ps1,
-        ps2 and ps3 as soon as the FPN no longer needs them (the result then holds
-        only the output): inference uses it to merge or drop them early and keep
-        memory low. With a sink, `backbone_batch` patches at a time go through the
-        ResNet (default: all n).
-        """
-
-        def context(idx):
-            return Maps(
-                _Crops(glob.c, sizes, grid, idx),
-                *(_Crops(level, sizes[::-1], grid, idx) for level in (glob.ps0, glob.ps1, glob.ps2)),
-            )
-
-        if sink is None:
-            c = self.resnet_local(patches)
-            sizes = [x.shape[-2:] for x in c]  # c2..c5; p5..p2 have the sizes of c5..c2
-            return self.fpn_local(list(c), context(index))
-        # Inference: the FPN one patch at a time (convolutions, resizes and crops act
-        # per sample: the same values, up to the float rounding of the kernel oneDNN
-        # picks for one sample), its maps handed to the sink per patch.
+        Convolutions, resizes and crops act per sample: the same values as `local_maps`,
+        up to the float rounding of the kernel oneDNN picks for one sample."""
         out = []
         step = backbone_batch or len(index)
         for start in range(0, len(index), step):
@@ -307,14 +298,15 @@ class GLNet(nn.Module):
             sizes = [x.shape[-2:] for x in chunk]
             n = chunk[0].shape[0]
             for i in range(n):
-                k = index[start + i]
+                k = [index[start + i]]
                 # one patch: hand over the list itself, which the FPN empties once done with it
                 c = chunk if n == 1 else [x[i : i + 1] for x in chunk]
-                m = self.fpn_local(c, context([k]), lambda name, maps: sink(name, maps, [k]))
-                sink("ps3", m.ps3, [k])
+                policy = Release(lambda group, maps: sink(group, maps, k))
+                m = self.fpn_local(c, _context(glob, sizes, grid, k), policy)
+                sink("ps3", m.ps3, k)
                 out.append(m.output)
             del chunk
-        return Maps((), (), (), (), None, torch.cat(out))
+        return torch.cat(out)
 
     def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
         return self.ensemble_conv(_cat(ps3_local, ps3_global_crop))
@@ -344,7 +336,7 @@ def global2local(
             ens.append(model.ensemble(maps, g))
             mse.append(F.mse_loss(maps, g))
 
-    out = model.local_maps(patches, glob, grid, index, sink=take, backbone_batch=backbone_batch).output
+    out = model.local_maps_released(patches, glob, grid, index, take, backbone_batch)
     return torch.cat(ens), out, torch.stack(mse).mean()
 
 
@@ -402,8 +394,7 @@ def local2global_collect(
 
     with torch.no_grad():
         for index, patches in patch_batches:
-            maps = model.local_maps(patches, frozen_glob, grid, index, sink=take, backbone_batch=backbone_batch)
-            outputs.append(park(maps.output))
+            outputs.append(park(model.local_maps_released(patches, frozen_glob, grid, index, take, backbone_batch)))
     context = Maps.from_context([normalize_merged(c, template, inplace=True) for c in canvases])
     return LocalPass(
         context,
