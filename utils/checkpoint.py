@@ -3,78 +3,29 @@
 The released `.pth` files are the state dict of the model wrapped in
 `nn.DataParallel`, so every key starts with `module.`. We read prefixed and
 unprefixed files, and write the prefixed format so that files move freely
-between the original code and this one. Writes are atomic (temp file + rename).
+between the original code and this one. Writes are atomic (utils.io.atomic_write).
 """
 from __future__ import annotations
 
-import glob
 import os
 import zipfile
-import secrets
-import shutil
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from utils.errors import UserError
+# atomic_copy and remove_stale_temps live in utils.io; re-exported (train_deep_globe.py imports them from here)
+from utils.io import atomic_copy, atomic_write, remove_stale_temps  # noqa: F401
 
 PREFIX = "module."
 
 
-def _temp_name(path: str) -> str:
-    """A fresh name next to `path` (same folder, so the rename stays on one file system)."""
-    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def _write_atomically(path: str, write: Callable) -> None:
-    """write(file) into a temporary file next to `path`, fsync, then rename over `path`:
-    a crash at any moment leaves either the old file or the new one, never half.
-    The file gets the usual permissions (0666 minus the umask), unlike mkstemp's 0600."""
-    tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    _write_atomically(path, lambda f: torch.save(obj, f))
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    """Make `dst` a copy of `src` atomically: a hard link when the file system allows
-    (no second write of a large file; later atomic saves replace, never modify, a file),
-    else a byte copy."""
-    tmp = _temp_name(dst)
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-        return
-    except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    with open(src, "rb") as f_src:
-        _write_atomically(dst, lambda f: shutil.copyfileobj(f_src, f, 16 << 20))
-
-
-def remove_stale_temps(path: str) -> list[str]:
-    """Delete temporary files that a killed writer of `path` left behind; returns their names."""
-    stale = glob.glob(glob.escape(path) + ".*.tmp")
-    for name in stale:
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
-    return stale
+    """torch.save to a temporary file in the same folder, then rename over `path`
+    (utils.io.atomic_write: a crash leaves the old file or the new one, never half)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def save_state_dict(model: nn.Module, path: str) -> None:

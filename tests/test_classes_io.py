@@ -1,0 +1,205 @@
+"""utils.io (atomic writes) and dataset.classes (the class table)."""
+import json
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils import io as uio
+from utils.io import (atomic_copy, atomic_write, is_temp_name, remove_stale_temps, remove_stale_temps_in,
+                      save_png, temp_name, write_json)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------- atomic_write
+
+
+def test_atomic_write_replaces_on_success(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with atomic_write(path) as f:
+        f.write(b"new")
+        assert path.read_bytes() == b"old"  # not visible before the end of the block
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_atomic_write_crash_inside_keeps_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(path) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    # also when nothing was there before, and for KeyboardInterrupt (a BaseException)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(tmp_path / "g.bin") as f:
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(uio.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(uio.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    with atomic_write(tmp_path / "f") as f:
+        f.write(b"x")
+    assert events == ["fsync", "replace"]
+
+
+def test_atomic_write_permissions_are_0666_minus_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "a") as f:
+            f.write(b"x")
+        assert (tmp_path / "a").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    with atomic_write(tmp_path / "b") as f:
+        f.write(b"x")
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_atomic_write_text_mode_and_bad_mode(tmp_path):
+    with atomic_write(tmp_path / "t.txt", "w", encoding="utf-8") as f:
+        f.write("é\n")
+    assert (tmp_path / "t.txt").read_bytes() == "é\n".encode()
+    for mode in ("r", "a", "w+", "rb"):
+        with pytest.raises(ValueError, match="mode"):
+            with atomic_write(tmp_path / "x", mode):
+                pass
+    with pytest.raises(LookupError):  # the file is made, then the text layer fails
+        with atomic_write(tmp_path / "x", "w", encoding="no-such-codec"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_atomic_write_never_deletes_a_file_it_did_not_make(tmp_path, monkeypatch):
+    taken = tmp_path / "f.1.0123abcd.tmp"
+    taken.write_bytes(b"someone else's")
+    monkeypatch.setattr(uio, "temp_name", lambda path: str(taken))
+    with pytest.raises(FileExistsError):
+        with atomic_write(tmp_path / "f"):
+            pass
+    assert taken.read_bytes() == b"someone else's"
+
+
+def test_two_concurrent_writers_get_different_temp_names(tmp_path):
+    path = tmp_path / "shared.bin"
+    inside, names, go = threading.Barrier(2), [], threading.Event()
+
+    def writer(data):
+        with atomic_write(path) as f:
+            names.append(f.name)
+            f.write(data)
+            inside.wait(timeout=10)  # both temp files are open at the same time here
+            go.wait(timeout=10)
+
+    threads = [threading.Thread(target=writer, args=(d,)) for d in (b"a" * 10, b"b" * 10)]
+    for t in threads:
+        t.start()
+    while len(names) < 2:
+        threading.Event().wait(0.01)
+    go.set()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == 2
+    assert all(is_temp_name(n, path) for n in names)
+    assert path.read_bytes() in (b"a" * 10, b"b" * 10)  # one whole file, never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.bin"]
+
+
+def test_temp_names(tmp_path):
+    name = temp_name(tmp_path / "x.pth")
+    assert os.path.dirname(name) == str(tmp_path)  # same folder: the rename stays on one file system
+    assert is_temp_name(name) and is_temp_name(name, tmp_path / "x.pth")
+    assert not is_temp_name(name, tmp_path / "x.pt")
+    assert not is_temp_name(name, tmp_path / "y.pth")
+    assert temp_name(tmp_path / "x.pth") != name
+    for other in ("x.pth", "x.pth.tmp", "x.pth.12.nothex!.tmp", "x.pth.12.abcdef012.tmp", "notes.tmp"):
+        assert not is_temp_name(other)
+
+
+def test_remove_stale_temps_only_touches_temp_names(tmp_path):
+    path = tmp_path / "m.pth"
+    keep = [tmp_path / n for n in ("m.pth", "m.pth.tmp", "m.pth.old.tmp", "m.best.pth.1.0123abcd.tmp", "notes.txt")]
+    for p in keep:
+        p.write_bytes(b"keep")
+    stale = [tmp_path / "m.pth.123.0123abcd.tmp", tmp_path / "m.pth.4.ffffffff.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert remove_stale_temps(path) == sorted(str(p) for p in stale)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    # a whole folder: every temp file, of any target
+    assert remove_stale_temps_in(tmp_path) == [str(tmp_path / "m.best.pth.1.0123abcd.tmp")]
+    assert remove_stale_temps_in(tmp_path / "no_such_folder") == []
+
+
+def test_write_json(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"b": [1, 2.5], "a": None})
+    assert path.read_text() == '{\n  "b": [\n    1,\n    2.5\n  ],\n  "a": null\n}'
+    with pytest.raises(TypeError):
+        write_json(path, {"x": object()})  # fails half-way through json.dump
+    assert json.loads(path.read_text()) == {"b": [1, 2.5], "a": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_save_png_array_image_and_failure(tmp_path):
+    path = tmp_path / "p.png"
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    save_png(path, arr)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), arr)
+    rgb = np.zeros((2, 5, 3), np.uint8)
+    rgb[..., 1] = 200
+    save_png(path, Image.fromarray(rgb), compress_level=1)
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), rgb)
+    # the same bytes as PIL writing to the file name itself
+    Image.fromarray(arr).save(tmp_path / "direct.png")
+    save_png(path, arr)
+    assert path.read_bytes() == (tmp_path / "direct.png").read_bytes()
+    with pytest.raises(TypeError):
+        save_png(path, np.zeros((2, 2), np.complex64))  # PIL cannot take it
+    assert path.read_bytes() == (tmp_path / "direct.png").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.png", "p.png"]
+
+
+def test_atomic_copy_links_or_copies(tmp_path, monkeypatch):
+    src = tmp_path / "a"
+    src.write_bytes(b"data" * 1000)
+    assert atomic_copy(src, tmp_path / "b") == "linked"
+    assert os.path.samefile(src, tmp_path / "b")
+
+    def no_link(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(uio.os, "link", no_link)
+    (tmp_path / "c").write_bytes(b"old")
+    assert atomic_copy(src, tmp_path / "c") == "copied"
+    assert (tmp_path / "c").read_bytes() == src.read_bytes() and not os.path.samefile(src, tmp_path / "c")
+    with pytest.raises(FileNotFoundError):
+        atomic_copy(tmp_path / "missing", tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_checkpoint_keeps_its_old_names():
+    import utils.checkpoint as ck
+
+    assert ck.atomic_copy is atomic_copy and ck.remove_stale_temps is remove_stale_temps
+    assert callable(ck.atomic_save)
