@@ -20,15 +20,15 @@ Mask decoding: each channel is thresholded at 128 and the colour looked up in CL
     threshold decides a colour the mask does not show clearly.
 
 Re-running is cheap and safe: existing outputs are kept (a Sat of the right size, a label PNG
-written by this tool with the right size) and only re-read for the summary; labels are written
-to a temp file in the same folder and renamed, so an interrupted run leaves no partial PNG.
+written by this tool with the right size) and only re-read for the summary; every output is
+written to a temp file in the same folder and renamed (``utils.io``), so an interrupted run
+leaves no partial file, and the next run removes the temp files a killed one left.
 
 Exit codes: 0 done; 1 a listed id is missing from RAW (ignored with --allow_missing) or a file
 could not be converted; 2 bad usage (RAW missing, no image/mask pairs, no split lists).
 """
 import argparse
 import os
-import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from dataset.classes import CLASS_NAMES, rgb_mask_to_class
+from utils.io import atomic_copy, remove_stale_temps_in, save_png
 
 # Referenced by the data loader's error message when a label is not an index mask.
 PREPARE_COMMAND = "python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT"
@@ -51,7 +52,6 @@ LABELLED_SPLITS = ("train", "crossvali")  # training and validation cannot go wi
 DEFAULT_SPLIT_DIR = Path(__file__).resolve().parent / "splits"
 SAT_SUFFIX = "_sat.jpg"
 MASK_SUFFIX = "_mask.png"
-TMP_PREFIX = ".prepare-tmp-"
 AMBIGUOUS_RANGE = (64, 191)  # a channel value in here is far from both 0 and 255
 # Stats stored as PNG text chunks in each label, so a re-run can report them without the raw mask.
 KEY_OFF_PALETTE = "glnet-off-palette-pixels"
@@ -148,27 +148,11 @@ def read_split_lists(split_dir: Path) -> Dict[str, List[str]]:
 # ---------------------------------------------------------------------------- one image
 
 
-def _tmp_path(dst: Path) -> Path:
-    return dst.with_name(f"{TMP_PREFIX}{os.getpid()}-{dst.name}")
-
-
 def place_sat(src: Path, dst: Path) -> str:
     """Hard-link (or copy) the raw JPEG to ``dst`` without re-encoding it; keep a finished one."""
     if dst.exists() and (os.path.samefile(src, dst) or dst.stat().st_size == src.stat().st_size):
         return "present"
-    tmp = _tmp_path(dst)
-    try:
-        try:
-            os.link(src, tmp)
-            how = "linked"
-        except OSError:  # other file system, or links not supported
-            shutil.copyfile(src, tmp)
-            how = "copied"
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return how
+    return atomic_copy(src, dst)  # "linked", or "copied" where links fail
 
 
 def count_ambiguous(mask_rgb: np.ndarray) -> int:
@@ -195,18 +179,11 @@ def read_raw_mask(path: Path) -> np.ndarray:
 
 
 def write_label(classes: np.ndarray, dst: Path, off_palette: int, ambiguous: int) -> None:
-    """Write the index mask as an 'L' PNG via a temp file in the same folder and a rename."""
+    """Write the index mask as an 'L' PNG (a uint8 (H, W) array), atomically."""
     info = PngInfo()
     info.add_text(KEY_OFF_PALETTE, str(off_palette))
     info.add_text(KEY_AMBIGUOUS, str(ambiguous))
-    tmp = _tmp_path(dst)
-    try:
-        # a uint8 (H, W) array becomes mode 'L'
-        Image.fromarray(classes).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_png(dst, classes, pnginfo=info)
 
 
 def read_existing_label(path: Path, size: Tuple[int, int]):
@@ -277,15 +254,8 @@ def run_jobs(jobs: Sequence[Job], workers: int) -> List[Result]:
 
 def remove_stale_temp_files(data_path: Path) -> int:
     """Delete temp files a killed earlier run may have left in the output folders."""
-    removed = 0
-    for split in SPLITS:
-        for sub in ("Sat", "Label"):
-            folder = data_path / split / sub
-            if folder.is_dir():
-                for path in folder.glob(f"{TMP_PREFIX}*"):
-                    path.unlink()
-                    removed += 1
-    return removed
+    return sum(len(remove_stale_temps_in(data_path / split / sub))
+               for split in SPLITS for sub in ("Sat", "Label"))
 
 
 def _examples(items: Sequence[str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dataset.classes import rgb_mask_to_class
-from dataset.prepare_deep_globe import DEFAULT_SPLIT_DIR, TMP_PREFIX, count_ambiguous, main
+from dataset.prepare_deep_globe import DEFAULT_SPLIT_DIR, count_ambiguous, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 H, W = 30, 40  # every fake image is 40x30, made of 2 x 4 cells of 15 x 10 pixels
@@ -189,12 +189,14 @@ def test_broken_label_and_stale_temp_files_are_replaced(raw, splits, tmp_path, c
     good = (out / "train" / "Label" / "1_mask.png").read_bytes()
     (out / "train" / "Label" / "1_mask.png").write_bytes(good[: len(good) // 2])  # truncated
     Image.fromarray(cells_to_image(MASK2_CELLS)).save(out / "train" / "Label" / "2_mask.png")
-    (out / "train" / "Label" / f"{TMP_PREFIX}123-3_mask.png").write_bytes(b"half")
+    # temp files of killed writes (utils.io.temp_name), a Label and a Sat one
+    (out / "train" / "Label" / "1_mask.png.123.0123abcd.tmp").write_bytes(b"half")
+    (out / "crossvali" / "Sat" / "3_sat.jpg.77.ffff0000.tmp").write_bytes(b"half")
     capsys.readouterr()
     assert run(raw, out, splits) == 0
     report = capsys.readouterr().out
     assert "Label: 0 written, 2 rewritten" in report
-    assert "removed 1 temp files" in report
+    assert "removed 2 temp files" in report
     assert all_files(out) == EXPECTED_FILES
     np.testing.assert_array_equal(label(out, "train", "1"), cells_to_classes(MASK1_CLASSES))
     np.testing.assert_array_equal(label(out, "train", "2"), cells_to_classes(MASK2_CLASSES))
