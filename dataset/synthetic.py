@@ -18,9 +18,10 @@ situation GLNet was designed for:
 * Label-free noise: colour cast, smooth shading, Gaussian noise, JPEG (quality 90). Class 0
   (unknown) is one small flat dark "no data" blob per image (about 1-2 % of the pixels).
 
-Same seed -> byte-identical files. A `synthetic.json` manifest, written last, makes a re-run
-with the same parameters a no-op. `--raw` writes the Kaggle download layout instead (RGB masks
-next to the images), for testing the preparation script.
+Same seed -> byte-identical files. Every file is written atomically (utils.io); a
+`synthetic.json` manifest, written last, makes a re-run with the same parameters a no-op.
+`--raw` writes the Kaggle download layout instead (RGB masks next to the images), for testing
+the preparation script.
 
     python -m dataset.synthetic --out data/synthetic --size 512 --n_train 8
 """
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from dataset.classes import CLASS_COLORS, CLASS_NAMES, colorize
+from utils.io import atomic_write, save_image, save_png
 
 MANIFEST = "synthetic.json"
 FORMAT_VERSION = 1
@@ -271,12 +273,9 @@ def class_shares(data_dir: str | os.PathLike) -> dict[str, float]:
     return _shares(counts)
 
 
-def _save_jpeg(path: Path, image: np.ndarray) -> None:
-    Image.fromarray(image).save(path, format="JPEG", quality=JPEG_QUALITY)
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path, format="PNG")
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -357,12 +356,12 @@ def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_tes
             else:
                 sat, lab = f"{split}/Sat/{img_id}_sat.jpg", f"{split}/Label/{img_id}_mask.png"
             (out / sat).parent.mkdir(parents=True, exist_ok=True)
-            _save_jpeg(out / sat, sample["image"])
+            save_image(out / sat, sample["image"], "JPEG", quality=JPEG_QUALITY)
             files.append(sat)
             if split == "valid":
                 continue
             (out / lab).parent.mkdir(parents=True, exist_ok=True)
-            _save_png(out / lab, colorize(sample["mask"]) if rgb_masks else sample["mask"])
+            save_png(out / lab, colorize(sample["mask"]) if rgb_masks else sample["mask"])
             files.append(lab)
             counts += _mask_counts(sample["mask"])
     if not rgb_masks:
@@ -373,9 +372,7 @@ def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_tes
     manifest = {"version": FORMAT_VERSION, "params": params,
                 "layout": "raw" if rgb_masks else "glnet", "n_images": n_total,
                 "splits": split_ids, "class_shares": _shares(counts), "files": files}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    _write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "out_dir": str(out), "skipped": False,
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -384,17 +381,16 @@ def _write_raw_extras(out: Path, split_ids: dict[str, list[str]]) -> list[str]:
     """class_dict.csv and metadata.csv as in the Kaggle download, plus GLNet-style split lists."""
     rows = ["name,r,g,b"] + [f"{name},{','.join(str(int(c)) for c in CLASS_COLORS[cls])}"
                              for name, cls in _KAGGLE_CLASS_DICT]
-    (out / "class_dict.csv").write_text("\n".join(rows) + "\n")
+    _write_text(out / "class_dict.csv", "\n".join(rows) + "\n")
     meta = ["image_id,split,sat_image_path,mask_path"]
     for split in SPLITS:
         meta += [f"{i},train,train/{i}_sat.jpg,train/{i}_mask.png" for i in split_ids[split]]
     meta += [f"{i},valid,valid/{i}_sat.jpg," for i in split_ids["valid"]]
-    (out / "metadata.csv").write_text("\n".join(meta) + "\n")
+    _write_text(out / "metadata.csv", "\n".join(meta) + "\n")
     (out / "splits").mkdir(exist_ok=True)
     written = ["class_dict.csv", "metadata.csv"]
     for split in SPLITS:
-        (out / "splits" / f"{split}.txt").write_text(
-            "".join(f"{i}_sat.jpg\n" for i in split_ids[split]))
+        _write_text(out / "splits" / f"{split}.txt", "".join(f"{i}_sat.jpg\n" for i in split_ids[split]))
         written.append(f"splits/{split}.txt")
     return written
 
