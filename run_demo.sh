@@ -14,6 +14,13 @@
 # Outputs: <DEMO_DIR>/data, saved_models, runs (TensorBoard + metrics), predictions.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# The environment (env.sh): the active python when it has the requirements, otherwise the
+# virtualenv .venv, made on the first run. A PYTHON given by the user is used as it is.
+if [[ -z "${PYTHON:-}" ]]; then
+    # shellcheck source=env.sh
+    source ./env.sh
+    glnet_env || exit 1
+fi
 start=$SECONDS
 
 # The stage scripts read these; the demo sets what it needs and nothing else leaks in.
