@@ -12,8 +12,8 @@ Every id of the split lists (``dataset/splits/{train,crossvali,test}.txt`` by de
 
 Train and crossvali ids need a mask; test ids get a label only when RAW has their mask.
 
-Mask decoding: each channel is thresholded at 128 and the colour looked up in CLASS_COLORS
-(``dataset.classes.rgb_mask_to_class``). Two things are reported, neither changes the result:
+Mask decoding: each channel is thresholded at 128 and the colour looked up in the DeepGlobe
+palette (``dataset.classes.DEEPGLOBE.decode_rgb``). Two things are reported, neither changes the result:
   * off-palette pixels: the thresholded colour is no class colour (only red (255, 0, 0) is
     possible); they become 0 'unknown'.
   * ambiguous pixels: some channel lies in 64..191, i.e. far from both 0 and 255, so the
@@ -41,7 +41,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from dataset.classes import CLASS_NAMES, rgb_mask_to_class
+from dataset.classes import DEEPGLOBE
 from utils.io import atomic_copy, remove_stale_temps_in, save_png
 
 # Referenced by the data loader's error message when a label is not an index mask.
@@ -200,10 +200,10 @@ def read_existing_label(path: Path, size: Tuple[int, int]):
                 return None
             off_palette = int(im.info[KEY_OFF_PALETTE])
             ambiguous = int(im.info[KEY_AMBIGUOUS])
-            counts = np.bincount(np.asarray(im).ravel(), minlength=len(CLASS_NAMES))
+            counts = np.bincount(np.asarray(im).ravel(), minlength=DEEPGLOBE.n_class)
     except Exception:  # truncated or otherwise unusable: rewrite it
         return None
-    if len(counts) > len(CLASS_NAMES):
+    if len(counts) > DEEPGLOBE.n_class:
         return None
     return tuple(int(c) for c in counts), off_palette, ambiguous
 
@@ -229,10 +229,10 @@ def process(job: Job) -> Result:
             else:
                 result.label = "rewritten" if dst.exists() else "written"
                 rgb = read_raw_mask(mask_src)
-                classes, result.off_palette = rgb_mask_to_class(rgb)
+                classes, result.off_palette = DEEPGLOBE.decode_rgb(rgb)
                 result.ambiguous = count_ambiguous(rgb)
                 result.class_counts = tuple(
-                    int(c) for c in np.bincount(classes.ravel(), minlength=len(CLASS_NAMES)))
+                    int(c) for c in np.bincount(classes.ravel(), minlength=DEEPGLOBE.n_class))
                 write_label(classes, dst, result.off_palette, result.ambiguous)
         result.sat = place_sat(sat_src, out / "Sat" / f"{job.image_id}{SAT_SUFFIX}")
     except Exception as exc:  # a corrupt or odd file: reported in the summary, exit code 1
@@ -268,12 +268,12 @@ def _share_table(results: Sequence[Result], splits: Sequence[str]) -> List[str]:
     for split in list(splits) + ["all"]:
         counts = [r.class_counts for r in results
                   if r.class_counts is not None and split in (r.split, "all")]
-        totals[split] = np.sum(counts, axis=0) if counts else np.zeros(len(CLASS_NAMES))
+        totals[split] = np.sum(counts, axis=0) if counts else np.zeros(DEEPGLOBE.n_class)
     columns = [s for s in list(splits) + ["all"] if totals[s].sum() > 0]
     if not columns:
         return ["class pixel shares: no labels"]
     lines = ["class pixel shares (%):" + "".join(f"{c:>11}" for c in columns)]
-    for index, name in enumerate(CLASS_NAMES):
+    for index, name in enumerate(DEEPGLOBE.names):
         row = "".join(f"{100.0 * totals[c][index] / totals[c].sum():>11.2f}" for c in columns)
         lines.append(f"  {index} {name:<20}{row}")
     return lines

@@ -38,14 +38,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from dataset.classes import CLASS_COLORS, CLASS_NAMES, colorize
+from dataset.classes import DEEPGLOBE
 from utils.io import atomic_write, save_image, save_png
 
 MANIFEST = "synthetic.json"
 FORMAT_VERSION = 1
 JPEG_QUALITY = 90
 MIN_SIZE = 32
-N_CLASSES = len(CLASS_NAMES)
+N_CLASSES = DEEPGLOBE.n_class
 UNKNOWN, URBAN, AGRICULTURE, RANGELAND, FOREST, WATER, BARREN = range(N_CLASSES)
 
 # GLNet layout: split name -> folder; the raw layout keeps all labelled images in train/ and the
@@ -242,26 +242,18 @@ def render_sample(rng: np.random.Generator, h: int, w: int) -> dict:
 # ----------------------------------------------------------------------------- files
 
 
-def _decode_rgb_mask(rgb: np.ndarray) -> np.ndarray:
-    """DeepGlobe RGB mask -> class indices; each channel thresholded at 128, other colours 255."""
-    code_of = (CLASS_COLORS >= 128).astype(np.int64) @ np.array([4, 2, 1])
-    lut = np.full(8, 255, np.uint8)
-    lut[code_of] = np.arange(N_CLASSES, dtype=np.uint8)
-    bits = (rgb[..., :3] >= 128).astype(np.int64)
-    return lut[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]
-
-
 def _mask_counts(mask: np.ndarray) -> np.ndarray:
     return np.bincount(mask[mask < N_CLASSES].ravel(), minlength=N_CLASSES)[:N_CLASSES]
 
 
 def _shares(counts: np.ndarray) -> dict[str, float]:
     total = max(int(counts.sum()), 1)
-    return {name: round(int(c) / total, 6) for name, c in zip(CLASS_NAMES, counts)}
+    return {name: round(int(c) / total, 6) for name, c in zip(DEEPGLOBE.names, counts)}
 
 
 def class_shares(data_dir: str | os.PathLike) -> dict[str, float]:
-    """Pixel share of each class over every `*_mask.png` under data_dir (index or RGB masks)."""
+    """Pixel share of each class over every `*_mask.png` under data_dir (index or RGB masks;
+    off-palette pixels of an RGB mask are left out)."""
     paths = sorted(Path(data_dir).rglob("*_mask.png"))
     if not paths:
         raise FileNotFoundError(f"no *_mask.png under {data_dir}: generate or prepare data first")
@@ -269,7 +261,13 @@ def class_shares(data_dir: str | os.PathLike) -> dict[str, float]:
     for p in paths:
         with Image.open(p) as im:
             arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "P", "RGB") else im)
-        counts += _mask_counts(_decode_rgb_mask(arr) if arr.ndim == 3 else arr)
+        if arr.ndim == 3:
+            classes, off_palette = DEEPGLOBE.decode_rgb(arr)
+            mask_counts = _mask_counts(classes)
+            mask_counts[0] -= off_palette  # decoded as 0 'unknown', but no class's colour: not counted
+            counts += mask_counts
+        else:
+            counts += _mask_counts(arr)
     return _shares(counts)
 
 
@@ -361,7 +359,7 @@ def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_tes
             if split == "valid":
                 continue
             (out / lab).parent.mkdir(parents=True, exist_ok=True)
-            save_png(out / lab, colorize(sample["mask"]) if rgb_masks else sample["mask"])
+            save_png(out / lab, DEEPGLOBE.colorize(sample["mask"]) if rgb_masks else sample["mask"])
             files.append(lab)
             counts += _mask_counts(sample["mask"])
     if not rgb_masks:
@@ -379,7 +377,7 @@ def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_tes
 
 def _write_raw_extras(out: Path, split_ids: dict[str, list[str]]) -> list[str]:
     """class_dict.csv and metadata.csv as in the Kaggle download, plus GLNet-style split lists."""
-    rows = ["name,r,g,b"] + [f"{name},{','.join(str(int(c)) for c in CLASS_COLORS[cls])}"
+    rows = ["name,r,g,b"] + [f"{name},{','.join(str(c) for c in DEEPGLOBE.colors[cls])}"
                              for name, cls in _KAGGLE_CLASS_DICT]
     _write_text(out / "class_dict.csv", "\n".join(rows) + "\n")
     meta = ["image_id,split,sat_image_path,mask_path"]

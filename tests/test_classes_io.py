@@ -1,4 +1,4 @@
-"""utils.io (atomic writes) and dataset.classes (the class table)."""
+"""utils.io (atomic writes) and dataset.classes (class tables, with the mIoU of utils.metrics)."""
 import json
 import math
 import os
@@ -6,11 +6,15 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dataset import classes as dc
+from dataset.classes import DEEPGLOBE, ClassTable, class_table
 from utils import io as uio
 from utils.io import (atomic_copy, atomic_write, is_temp_name, remove_stale_temps, remove_stale_temps_in,
                       save_png, temp_name, write_json)
+from utils.metrics import ConfusionMatrix, mean_iou
 
 
 def _umask():
@@ -203,3 +207,117 @@ def test_checkpoint_keeps_its_old_names():
 
     assert ck.atomic_copy is atomic_copy and ck.remove_stale_temps is remove_stale_temps
     assert callable(ck.atomic_save)
+
+
+# ----------------------------------------------------------------------------- class tables
+
+# GLNET_SPEC.md section 7
+SPEC_COLOURS = {
+    "unknown": (0, 0, 0), "urban": (0, 255, 255), "agriculture": (255, 255, 0), "rangeland": (255, 0, 255),
+    "forest": (0, 255, 0), "water": (0, 0, 255), "barren": (255, 255, 255),
+}
+
+
+def test_deepglobe_table_is_the_spec():
+    assert DEEPGLOBE.n_class == 7
+    assert dict(zip(DEEPGLOBE.names, DEEPGLOBE.colors)) == SPEC_COLOURS
+    assert DEEPGLOBE.ignore_index == 255
+    assert DEEPGLOBE.miou_classes == (1, 2, 3, 4, 5, 6)
+    assert DEEPGLOBE.row_names[0] == "0 unknown" and DEEPGLOBE.row_names[6] == "6 barren"
+    assert DEEPGLOBE.palette.dtype == np.uint8 and DEEPGLOBE.palette.shape == (7, 3)
+    assert not DEEPGLOBE.palette.flags.writeable
+    with pytest.raises(Exception):
+        DEEPGLOBE.names = ("x",)  # frozen
+
+
+def test_decode_every_palette_colour_and_the_off_palette_one():
+    # one pixel per class colour, each also in a dimmed/brightened version that thresholds to it
+    exact = np.array([DEEPGLOBE.colors], np.uint8)  # (1, 7, 3)
+    noisy = np.where(exact >= 128, 128, 127).astype(np.uint8)  # the values right at the threshold
+    classes, off = DEEPGLOBE.decode_rgb(np.concatenate([exact, noisy]))
+    np.testing.assert_array_equal(classes, [list(range(7))] * 2)
+    assert classes.dtype == np.uint8 and off == 0
+    # red is the one thresholded colour that is no class: class 0, counted
+    red = np.array([[[255, 0, 0], [200, 100, 30], [0, 0, 0]]], np.uint8)
+    classes, off = DEEPGLOBE.decode_rgb(red)
+    np.testing.assert_array_equal(classes, [[0, 0, 0]])
+    assert off == 2
+    # alpha is ignored; a float mask decodes the same; (H, W) is an error
+    rgba = np.concatenate([exact, np.zeros((1, 7, 1), np.uint8)], axis=2)
+    np.testing.assert_array_equal(DEEPGLOBE.decode_rgb(rgba)[0], [list(range(7))])
+    np.testing.assert_array_equal(DEEPGLOBE.decode_rgb(noisy.astype(np.float32))[0], [list(range(7))])
+    with pytest.raises(ValueError, match="RGB mask"):
+        DEEPGLOBE.decode_rgb(np.zeros((4, 4), np.uint8))
+
+
+def test_colorize_draws_ignore_and_unknown_indices_black():
+    mask = np.array([[0, 1, 2, 3], [4, 5, 6, 255], [7, 100, 6, 1]], np.uint8)
+    out = DEEPGLOBE.colorize(mask)
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert out[1, 3].tolist() == [0, 0, 0] and out[2, 0].tolist() == [0, 0, 0] and out[2, 1].tolist() == [0, 0, 0]
+    assert [tuple(out[0, i]) for i in range(4)] == [DEEPGLOBE.colors[i] for i in range(4)]
+    # colorize then decode gives the classes back (255 -> black -> 0)
+    np.testing.assert_array_equal(DEEPGLOBE.decode_rgb(out)[0], np.where(mask < 7, mask, 0))
+
+
+def test_miou_by_hand():
+    # classes 1..6: 0.5 + NaN(->0) + 0.25 + 1 + 0 + 0.75 = 2.5, / 6
+    iou = [0.9, 0.5, math.nan, 0.25, 1.0, 0.0, 0.75]
+    assert DEEPGLOBE.miou(iou) == pytest.approx(2.5 / 6)
+    assert ClassTable("t", ("a", "b", "c"), [(0, 0, 0)] * 3, miou_classes=(0, 2)).miou([0.2, 0.9, 0.4]) \
+        == pytest.approx(0.3)
+    assert mean_iou(iou) == DEEPGLOBE.miou(iou)  # bitwise: same terms, same order
+    assert mean_iou(iou, (0, 6)) == pytest.approx(0.825)
+    # labels 0 0 1 1 2, predictions 0 1 1 1 0: IoU 0: 1/3, 1: 2/3, 2: 0
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0]))
+    assert cm.iou() == pytest.approx([1 / 3, 2 / 3, 0.0])
+    assert cm.miou() == pytest.approx(1 / 3)  # classes 1, 2 by default
+    cm_all = ConfusionMatrix(3, miou_classes=(0, 1, 2))
+    cm_all.matrix += cm.matrix
+    assert cm_all.miou() == pytest.approx(1 / 3 * (1 / 3 + 2 / 3))
+
+
+def test_generic_table():
+    assert class_table(7) is DEEPGLOBE
+    t = class_table(10)
+    assert t.n_class == 10 and t.names == tuple(f"class {i}" for i in range(10))
+    assert t.miou_classes == tuple(range(1, 10)) and t.ignore_index == 255
+    assert t.colors[:7] == DEEPGLOBE.colors  # classes 0..6 drawn as they always were
+    assert len(set(t.colors)) == 10 and class_table(10).colors == t.colors  # distinct, deterministic
+    assert len(set(class_table(255).colors)) == 255
+    assert class_table(3).colors == DEEPGLOBE.colors[:3] and class_table(3).names[2] == "class 2"
+    out = t.colorize(np.array([[9, 255]], np.uint8))
+    assert tuple(out[0, 0]) == t.colors[9] and out[0, 1].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="0 or 255"):
+        t.decode_rgb(np.zeros((2, 2, 3), np.uint8))  # its palette cannot be thresholded
+    for bad in (0, 256):
+        with pytest.raises(ValueError, match="n_class"):
+            class_table(bad)
+    assert math.isnan(class_table(1).miou([0.5]))
+
+
+def test_table_checks_its_fields():
+    with pytest.raises(ValueError, match="one RGB colour"):
+        ClassTable("t", ("a", "b"), [(0, 0, 0)])
+    with pytest.raises(ValueError, match="ignore_index"):
+        ClassTable("t", ("a", "b"), [(0, 0, 0), (1, 1, 1)], ignore_index=1)
+    with pytest.raises(ValueError, match="miou_classes"):
+        ClassTable("t", ("a", "b"), [(0, 0, 0), (1, 1, 1)], miou_classes=(2,))
+
+
+def test_table_pickles_for_loader_workers():
+    import pickle
+
+    t = pickle.loads(pickle.dumps(class_table(9)))
+    assert t == class_table(9) and not t.palette.flags.writeable
+    np.testing.assert_array_equal(t.colorize(np.arange(9)[None]), class_table(9).colorize(np.arange(9)[None]))
+
+
+def test_old_names_are_deepglobe():
+    assert dc.CLASS_NAMES == DEEPGLOBE.names and dc.CLASS_COLORS is DEEPGLOBE.palette
+    assert dc.IGNORE_INDEX == 255
+    mask = np.array([[1, 255]], np.uint8)
+    np.testing.assert_array_equal(dc.colorize(mask), DEEPGLOBE.colorize(mask))
+    rgb = DEEPGLOBE.colorize(np.arange(7, dtype=np.uint8)[None])
+    np.testing.assert_array_equal(dc.rgb_mask_to_class(rgb)[0], DEEPGLOBE.decode_rgb(rgb)[0])

@@ -2,16 +2,25 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+
+from dataset.classes import miou_over
 
 
 class ConfusionMatrix:
     """n x n int64 counts (rows: label, columns: prediction) over pixels whose label
-    is in 0..n-1; other labels (255 = ignore) are skipped."""
+    is in 0..n-1; other labels (255 = ignore) are skipped.
 
-    def __init__(self, n_class: int, device: torch.device | str | None = None) -> None:
+    miou_classes: the classes averaged by `miou()` (a ClassTable's `miou_classes`);
+    None = 1..n-1, class 0 'unknown' left out as in the paper."""
+
+    def __init__(
+        self, n_class: int, device: torch.device | str | None = None, miou_classes: Sequence[int] | None = None
+    ) -> None:
         self.n_class = n_class
+        self.miou_classes = tuple(range(1, n_class)) if miou_classes is None else tuple(miou_classes)
         self.matrix = torch.zeros(n_class, n_class, dtype=torch.int64, device=device)
 
     def update(self, label: torch.Tensor, pred: torch.Tensor) -> None:
@@ -32,10 +41,10 @@ class ConfusionMatrix:
         return [float(i / u) if u > 0 else math.nan for i, u in zip(inter, union)]
 
     def miou(self) -> float:
-        return mean_iou(self.iou())
+        return mean_iou(self.iou(), self.miou_classes)
 
 
-def mean_iou(iou: list[float]) -> float:
-    """The reported mIoU: mean over classes 1.. (class 0 'unknown' excluded), NaN as 0."""
-    rest = iou[1:]
-    return sum(0.0 if math.isnan(x) else x for x in rest) / len(rest)
+def mean_iou(iou: Sequence[float], classes: Sequence[int] | None = None) -> float:
+    """The reported mIoU: mean of iou over `classes`, NaN counted as 0; None = classes 1..
+    (class 0 'unknown' excluded)."""
+    return miou_over(iou, range(1, len(iou)) if classes is None else classes)
