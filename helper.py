@@ -1,8 +1,12 @@
-"""Training and evaluation of the three GLNet modes (GLNET_SPEC.md sections 5-7).
+"""Training and evaluation of the GLNet stages (GLNET_SPEC.md sections 5-7).
 
 mode 1: global branch alone; mode 2 (global2local): local branch trained with the
 frozen global branch; mode 3 (local2global): global branch retrained with the
 frozen local branch and a frozen global model for the local branch's context.
+
+`STAGES` (at the end of this file) is the one place that says what each mode does:
+what it trains and outputs, its defaults, which checkpoint feeds which part, and
+its inference and training functions. Everything else takes a `Stage`.
 
 Everything per image (patches, canvases, confusion matrices) stays on the model's
 device; patches are sliced from the decoded uint8 image and run in sub-batches.
@@ -12,40 +16,65 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterator, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
-from dataset.classes import colorize
-from models.glnet import GLNet, Maps, Release, global2local, local2global_collect, local2global_ensemble
+from dataset.classes import class_table
+from models.glnet import (
+    GLNet, Maps, Release, global2local, local2global_collect, local2global_ensemble,
+)
 from utils.geometry import PatchGrid, add_patch_scores, coverage_template
+from utils.io import save_png
 from utils.loss import focal_loss
 from utils.lr_scheduler import poly_lr, set_lr
 from utils.metrics import ConfusionMatrix
 
-# Parts trained in each mode (section 6); the others are frozen.
-TRAINED_PARTS = {
-    1: ("resnet_global", "fpn_global", "ensemble_conv"),
-    2: ("resnet_local", "fpn_local", "ensemble_conv"),
-    3: ("resnet_global", "fpn_global", "ensemble_conv"),
-}
 PARTS = ("resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv")
-# The outputs each mode produces, and the one written as its prediction.
-OUTPUTS = {1: ("global",), 2: ("global", "local", "aggregated"), 3: ("global", "local", "aggregated")}
-MAIN_OUTPUT = {1: "global", 2: "aggregated", 3: "aggregated"}
 
 
-# ----------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class Stage:
+    """What one --mode does (the rows of `STAGES`)."""
 
-def configure_stage(model: GLNet, mode: int) -> list[torch.nn.Parameter]:
-    """Freeze what `mode` does not train (requires_grad False); return the trainable parameters."""
+    mode: int
+    name: str
+    task_name: str  # default run name
+    epochs: int  # default number of epochs (section 6)
+    lr: float  # default base learning rate (section 6)
+    trained: tuple[str, ...]  # parts trained; the others are frozen
+    outputs: tuple[str, ...]  # the predictions it makes
+    main_output: str  # the one written as its prediction, and whose mIoU picks the best epoch
+    trained_input: str  # the input size the trained BatchNorms see: "size_g" or "size_p"
+    init_from: tuple[tuple[str, bool], ...]  # training starts from (--path_* flag, global keys only)
+    backbones: tuple[str, ...]  # ResNets initialised from --backbone_weights when training
+    eval_from: str  # --path_* flag of the checkpoint evaluation loads
+    frozen_from: str | None  # --path_* flag of the frozen global model (mode 3)
+    plain_eval: bool  # evaluation needs only the plain global network
+    scores: Callable  # (model, image, image_global, size_p, sub_batch, frozen) -> Scores
+    micro_batches: Callable  # (step, batch) -> the micro-batches of one training batch
+    losses: Callable  # (step, micro-batch) -> StepResult: TrainStep.forward
+
+    def checkpoints(self, evaluation: bool, resuming: bool = False) -> list[str]:
+        """The --path_* flags whose files a run loads (GLNET_SPEC.md section 1). A resumed
+        run takes the trained model from its resume file."""
+        if evaluation:
+            own = [self.eval_from]
+        else:
+            own = [] if resuming else [flag for flag, _ in self.init_from]
+        return own + ([self.frozen_from] if self.frozen_from else [])
+
+
+def configure_stage(model: GLNet, stage: Stage) -> list[torch.nn.Parameter]:
+    """Freeze what `stage` does not train (requires_grad False); return the trainable parameters."""
     params = []
     for name in PARTS:
-        trained = name in TRAINED_PARTS[mode]
+        trained = name in stage.trained
         for p in getattr(model, name).parameters():
             p.requires_grad_(trained)
             if trained:
@@ -53,11 +82,11 @@ def configure_stage(model: GLNet, mode: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def set_train_mode(model: GLNet, mode: int) -> None:
+def set_train_mode(model: GLNet, stage: Stage) -> None:
     """Trained parts in train mode; frozen parts (BatchNorm included) in eval mode."""
     model.train()
     for name in PARTS:
-        if name not in TRAINED_PARTS[mode]:
+        if name not in stage.trained:
             getattr(model, name).eval()
 
 
@@ -75,8 +104,32 @@ def autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def _backward(loss: torch.Tensor, scaler=None) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+@dataclass(frozen=True)
+class Config:
+    """What training and evaluation need to know of a run."""
+
+    stage: Stage
+    device: torch.device
+    n_class: int
+    size_p: int
+    sub_batch: int
+    lamb_fmreg: float = 0.15
+    num_epochs: int = 1
+    lr: float = 5e-5
+    amp: str | None = None
+    tta: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "Config":
+        return cls(
+            STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
+            args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress,
+        )
+
+    @property
+    def classes(self):
+        return class_table(self.n_class)
 
 
 # ----------------------------------------------------------------------------- patches
@@ -161,39 +214,51 @@ def backbone_batch(device: torch.device) -> int | None:
 
 @torch.no_grad()
 def predict_scores(
-    model: GLNet,
-    mode: int,
-    image: torch.Tensor,
-    image_global: torch.Tensor,
-    size_p: int,
-    sub_batch: int,
+    model: GLNet, stage: Stage, image: torch.Tensor, image_global: torch.Tensor, size_p: int, sub_batch: int,
     frozen: GLNet | None = None,
 ) -> Scores:
     """Scores of one image: `image` (3, H, W) uint8 and `image_global` (1, 3, g, g) float,
-    both on the model's device. mode 3 needs `frozen`, the frozen global model."""
-    if mode == 1:
-        return Scores(model.global_maps(image_global, policy=Release(other=True)).output, None, None)
-    h, w = image.shape[-2:]
-    grid = PatchGrid.for_size(h, w, size_p)
+    both on the model's device. Mode 3 needs `frozen`, the frozen global model."""
+    return stage.scores(model, image, image_global, size_p, sub_batch, frozen)
+
+
+def _scores_global(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
+    """Mode 1: the global logits alone."""
+    return Scores(model.global_maps(image_global, policy=Release(other=True)).output, None, None)
+
+
+def _canvases(image: torch.Tensor, n_class: int, size_p: int):
+    """The patch grid of an image, and two zero score canvases on the cells of score_grid."""
+    grid = PatchGrid.for_size(*image.shape[-2:], size_p)
     sgrid, stride = score_grid(grid)
-    n_class = model.ensemble_conv.out_channels
-    local = image_global.new_zeros((n_class, sgrid.height, sgrid.width), dtype=torch.float32)
-    aggregated = torch.zeros_like(local)
+    local = torch.zeros((n_class, sgrid.height, sgrid.width), dtype=torch.float32, device=image.device)
+    return grid, sgrid, stride, local, torch.zeros_like(local)
+
+
+def _scores_global2local(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
+    """Mode 2: the model's global maps as context of its local branch (section 5)."""
+    grid, sgrid, stride, local, aggregated = _canvases(image, model.ensemble_conv.out_channels, size_p)
     bb = backbone_batch(image.device)
-    if mode == 2:
-        glob = model.global_maps(image_global)
-        for index, patches in patch_batches(image, grid, sub_batch):
-            ens, out, _ = global2local(model, patches, glob, grid, index, low_memory=True, backbone_batch=bb)
-            add_patch_scores(local, out, sgrid, index)
-            add_patch_scores(aggregated, ens, sgrid, index)
-        return Scores(glob.output, local, aggregated, stride)
+    glob = model.global_maps(image_global)
+    for index, patches in patch_batches(image, grid, sub_batch):
+        ens, out, _ = global2local(model, patches, glob, grid, index, low_memory=True, backbone_batch=bb)
+        add_patch_scores(local, out, sgrid, index)
+        add_patch_scores(aggregated, ens, sgrid, index)
+    return Scores(glob.output, local, aggregated, stride)
+
+
+def _scores_local2global(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
+    """Mode 3: the frozen global model's maps as context of the local branch, whose merged
+    maps are the context of the model's global branch (section 5)."""
     if frozen is None:
         raise ValueError("mode 3 needs the frozen global model")
+    grid, sgrid, stride, local, aggregated = _canvases(image, model.ensemble_conv.out_channels, size_p)
+    bb = backbone_batch(image.device)
     # only the frozen maps shared with the local branch are needed (not its ps3 and logits)
     fglob = frozen.global_maps(image_global)._replace(ps3=None, output=None)
     template = coverage_template(grid, image.device)
     lp = local2global_collect(
-        model, fglob, patch_batches(image, grid, sub_batch), grid, template, keep_ps3=False, backbone_batch=bb
+        model, fglob, patch_batches(image, grid, sub_batch), grid, template, keep="ensemble_local", backbone_batch=bb
     )
     del template, fglob
     add_patch_scores(local, lp.outputs, sgrid, range(len(grid)))
@@ -229,81 +294,65 @@ def undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 def predict(
-    model: GLNet, mode: int, image: torch.Tensor, image_global: torch.Tensor, size_p: int, sub_batch: int,
+    model: GLNet, stage: Stage, image: torch.Tensor, image_global: torch.Tensor, size_p: int, sub_batch: int,
     frozen: GLNet | None = None, tta: bool = False, predict_fn=None,
 ) -> dict[str, torch.Tensor]:
-    """Class maps (H, W) int64 of one image for each output of `mode`.
+    """Class maps (H, W) int64 of one image for each output of `stage`.
 
     With `tta`, scores are summed over the 8 flips/rotations of the image (and of
     the global image), each undone before the sum. `predict_fn` replaces
     `predict_scores` (for tests).
     """
     fn = predict_fn or predict_scores
-    size = image.shape[-2:]
+    patched = [name for name in ("local", "aggregated") if name in stage.outputs]
     if not tta:
-        s = fn(model, mode, image, image_global, size_p, sub_batch, frozen)
+        s = fn(model, stage, image, image_global, size_p, sub_batch, frozen)
         # argmax commutes with nearest upsampling: argmax at 1/4, then upsample the indices.
-        g = upsample_global(s.global_.argmax(1, keepdim=True).float(), size)[0].long()
-        out = {"global": g}
-        if mode != 1:
-            out["local"] = upsample_canvas(s.local.argmax(0), s.stride)
-            out["aggregated"] = upsample_canvas(s.aggregated.argmax(0), s.stride)
+        out = {"global": upsample_global(s.global_.argmax(1, keepdim=True).float(), image.shape[-2:])[0].long()}
+        for name in patched:
+            out[name] = upsample_canvas(getattr(s, name).argmax(0), s.stride)
         return out
     total: dict[str, torch.Tensor] = {}
     for flip in (False, True):
         for k in range(4):
             view = dihedral(image, k, flip)
-            s = fn(model, mode, view, dihedral(image_global, k, flip), size_p, sub_batch, frozen)
-            g = upsample_global(s.global_, view.shape[-2:])
-            parts = {"global": g}
-            if mode != 1:
-                parts["local"] = upsample_canvas(s.local, s.stride)
-                parts["aggregated"] = upsample_canvas(s.aggregated, s.stride)
-            for name in OUTPUTS[mode]:
+            s = fn(model, stage, view, dihedral(image_global, k, flip), size_p, sub_batch, frozen)
+            parts = {"global": upsample_global(s.global_, view.shape[-2:])}
+            for name in patched:
+                parts[name] = upsample_canvas(getattr(s, name), s.stride)
+            for name in stage.outputs:
                 v = undo_dihedral(parts[name], k, flip)
                 total[name] = v if name not in total else total[name] + v
     return {name: v.argmax(0) for name, v in total.items()}
 
 
-def save_prediction(pred: torch.Tensor, path: str) -> None:
-    """DeepGlobe colour PNG of a class map, written to a temp name then renamed."""
-    tmp = path + ".tmp.png"
-    Image.fromarray(colorize(pred.to("cpu", torch.uint8).numpy())).save(tmp)
-    os.replace(tmp, path)
+def save_prediction(pred: torch.Tensor, path: str, classes=None) -> None:
+    """Colour PNG of a class map (the class table's palette; DeepGlobe's by default), written atomically."""
+    classes = classes or class_table(7)
+    save_png(path, classes.colorize(pred.to("cpu", torch.uint8).numpy()))
 
 
 def evaluate(
-    model: GLNet,
-    loader,
-    mode: int,
-    device: torch.device,
-    n_class: int,
-    size_p: int,
-    sub_batch: int,
-    frozen: GLNet | None = None,
-    tta: bool = False,
-    predictions_dir: str | None = None,
-    with_labels: bool = True,
-    progress: bool = True,
-    desc: str = "evaluation",
-    amp: str | None = None,
+    model: GLNet, loader, cfg: Config, frozen: GLNet | None = None, predictions_dir: str | None = None,
+    with_labels: bool = True, desc: str = "evaluation",
 ) -> tuple[dict[str, ConfusionMatrix], dict[str, Any] | None]:
     """Predict every image of `loader`; return a confusion matrix per output and the
     first image with its label and predictions (for TensorBoard)."""
     model.eval()
     if frozen is not None:
         frozen.eval()
-    cms = {name: ConfusionMatrix(n_class, device) for name in OUTPUTS[mode]}
+    device, classes = cfg.device, cfg.classes
+    cms = {name: ConfusionMatrix(cfg.n_class, device, classes.miou_classes) for name in cfg.stage.outputs}
     example = None
     if predictions_dir:
         os.makedirs(predictions_dir, exist_ok=True)
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
     for batch in bar:
         for b, image in enumerate(batch["image"]):
             image = image.to(device, non_blocking=True)
             ig = batch["image_global"][b : b + 1].to(device, non_blocking=True)
-            with autocast(device, amp):
-                preds = predict(model, mode, image, ig, size_p, sub_batch, frozen, tta)
+            with autocast(device, cfg.amp):
+                preds = predict(model, cfg.stage, image, ig, cfg.size_p, cfg.sub_batch, frozen, cfg.tta)
             h, w = batch["size"][b]
             preds = {k: v[:h, :w] for k, v in preds.items()}  # drop the padding
             if with_labels:
@@ -311,107 +360,217 @@ def evaluate(
                 for name, pred in preds.items():
                     cms[name].update(label, pred)
             if predictions_dir:
-                save_prediction(preds[MAIN_OUTPUT[mode]], os.path.join(predictions_dir, f"{batch['id'][b]}_mask.png"))
+                path = os.path.join(predictions_dir, f"{batch['id'][b]}_mask.png")
+                save_prediction(preds[cfg.stage.main_output], path, classes)
             if example is None:
-                example = {
-                    "id": batch["id"][b],
-                    "image": batch["image"][b][:, :h, :w],
-                    "label": batch["label"][b][:h, :w] if with_labels else None,
-                    # class ids fit 8 bits (--n_class <= 255): 8x less than int64 at 2448 px
-                    "predictions": {k: v.to("cpu", torch.uint8) for k, v in preds.items()},
-                }
-        if with_labels and progress:
+                example = _example(batch, b, preds, with_labels)
+        if with_labels and cfg.progress:
             bar.set_postfix({k[:3]: f"{cm.miou():.3f}" for k, cm in cms.items()})
     return cms, example
 
 
+def _example(batch, b: int, preds: dict[str, torch.Tensor], with_labels: bool) -> dict[str, Any]:
+    h, w = batch["size"][b]
+    return {
+        "id": batch["id"][b],
+        "image": batch["image"][b][:, :h, :w],
+        "label": batch["label"][b][:h, :w] if with_labels else None,
+        # class ids fit 8 bits (--n_class <= 255): 8x less than int64 at 2448 px
+        "predictions": {k: v.to("cpu", torch.uint8) for k, v in preds.items()},
+    }
+
+
 # ----------------------------------------------------------------------------- training
 
-def _train_step_mode1(model, batch, device, cms, scaler=None, **_):
-    ig = batch["image_global"].to(device, non_blocking=True)
-    lg = batch["label_global"].to(device, non_blocking=True)
-    out = model(ig)
+class StepResult(NamedTuple):
+    """What a training step returns for one micro-batch: `objective`, the tensor to call
+    backward() on (already scaled for fp16); `losses`, detached values to log (their
+    "loss" is what the original reports); `scored`: (output name, labels, predictions)
+    for the train confusion matrices."""
+
+    objective: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    scored: list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+class TrainStep(nn.Module):
+    """Training of one stage as a module: `forward(micro_batch)` runs the stage's losses on
+    one micro-batch (`micro_batches(batch)` cuts a batch into them) and returns a
+    StepResult, whose objective is backpropagated once. One forward, one backward: what a
+    DistributedDataParallel wrapper needs to synchronise the gradients.
+
+    `train()` puts the trained parts in train mode, the frozen ones (and the frozen
+    global model of mode 3) in eval mode."""
+
+    def __init__(self, model: GLNet, cfg: Config, frozen: GLNet | None = None, scaler=None) -> None:
+        super().__init__()
+        self.model, self.frozen, self.cfg = model, frozen, cfg
+        # fp16 gradients can underflow: scale the losses (bf16 has float32's range and needs none)
+        self.scale = scaler.scale if scaler is not None else (lambda loss: loss)
+
+    def train(self, mode: bool = True) -> "TrainStep":
+        super().train(mode)
+        if mode:
+            set_train_mode(self.model, self.cfg.stage)
+            if self.frozen is not None:
+                self.frozen.eval()
+        return self
+
+    def micro_batches(self, batch: dict[str, Any]) -> Iterator[Any]:
+        return self.cfg.stage.micro_batches(self, batch)
+
+    def forward(self, micro: Any) -> StepResult:
+        return self.cfg.stage.losses(self, micro)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.cfg.device, non_blocking=True)
+
+
+def _micro_whole_batch(step: TrainStep, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Modes 1 and 3: the batch is one micro-batch (the global branch's BatchNorm sees all its images)."""
+    yield batch
+
+
+def _losses_global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
+    """Mode 1: focal loss of the global logits."""
+    ig, lg = step.to_device(batch["image_global"]), step.to_device(batch["label_global"])
+    out = step.model(ig)
     loss = focal_loss(out, lg)
-    _backward(loss, scaler)
-    cms["global"].update(lg, out.detach().argmax(1))
-    return {"loss": loss.detach(), "focal_global": loss.detach()}
+    return StepResult(step.scale(loss), {"loss": loss.detach(), "focal_global": loss.detach()},
+                      [("global", lg, out.detach().argmax(1))])
 
 
-def _train_step_mode2(model, batch, device, cms, size_p, sub_batch, lamb_fmreg, scaler=None, **_):
-    """Gradients accumulate over all sub-batches of all images; one optimizer step after."""
-    ig = batch["image_global"].to(device, non_blocking=True)
-    total = torch.zeros((), device=device)
-    parts = {k: torch.zeros((), device=device) for k in ("focal_local", "focal_aggregated", "fmreg")}
+def _micro_global2local(step: TrainStep, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Mode 2: one micro-batch per sub-batch of patches, with its image's global maps
+    (computed once per image, without grad). Gradients accumulate over all of them."""
+    cfg = step.cfg
+    ig = step.to_device(batch["image_global"])
     for b, image in enumerate(batch["image"]):
-        image = image.to(device, non_blocking=True)
-        label = batch["label"][b].to(device, non_blocking=True)
-        grid = PatchGrid.for_size(*image.shape[-2:], size_p)
+        image, label = step.to_device(image), step.to_device(batch["label"][b])
+        grid = PatchGrid.for_size(*image.shape[-2:], cfg.size_p)
         with torch.no_grad():
-            glob = model.global_maps(ig[b : b + 1])
-        cms["global"].update(batch["label_global"][b].to(device), glob.output.argmax(1))
-        for index, patches in patch_batches(image, grid, sub_batch):
-            y = patch_labels(label, grid, index)
-            ens, out, fmreg = global2local(model, patches, glob, grid, index)
-            focal_l, focal_ens = focal_loss(out, y), focal_loss(ens, y)
-            loss = focal_l + focal_ens + lamb_fmreg * fmreg
-            _backward(loss, scaler)
-            total += loss.detach()
-            for k, v in zip(parts, (focal_l, focal_ens, fmreg)):
-                parts[k] += v.detach()
-            cms["local"].update(y, out.detach().argmax(1))
-            cms["aggregated"].update(y, ens.detach().argmax(1))
-    return {"loss": total, **parts}
+            glob = step.model.global_maps(ig[b : b + 1])
+        scored = [("global", step.to_device(batch["label_global"][b]), glob.output.argmax(1))]
+        for index, patches in patch_batches(image, grid, cfg.sub_batch):
+            labels = patch_labels(label, grid, index)
+            yield {"glob": glob, "grid": grid, "index": index, "patches": patches, "labels": labels, "scored": scored}
+            scored = []
 
 
-def _train_step_mode3(model, batch, device, cms, size_p, sub_batch, frozen, scaler=None, **_):
-    """loss = focal(output_g) + sum over sub-batches of focal(ensemble).
+def _losses_global2local(step: TrainStep, m: dict[str, Any]) -> StepResult:
+    """Mode 2: focal(local) + focal(ensemble) + lamb_fmreg * MSE(ps3_l, crop(ps3_g))."""
+    ens, out, fmreg = global2local(step.model, m["patches"], m["glob"], m["grid"], m["index"])
+    y = m["labels"]
+    focal_l, focal_ens = focal_loss(out, y), focal_loss(ens, y)
+    loss = focal_l + focal_ens + step.cfg.lamb_fmreg * fmreg
+    losses = {"loss": loss, "focal_local": focal_l, "focal_aggregated": focal_ens, "fmreg": fmreg}
+    scored = m["scored"] + [("local", y, out.detach().argmax(1)), ("aggregated", y, ens.detach().argmax(1))]
+    return StepResult(step.scale(loss), {k: v.detach() for k, v in losses.items()}, scored)
 
-    The original calls backward through the whole global branch once per sub-batch
-    (retain_graph). The ensemble losses reach the global branch only through ps3_g,
-    so we collect their gradient on a detached ps3_g and send it back through the
-    global branch together with the global loss in one pass: same gradients (up to
-    float summation order), one global backward instead of one per sub-batch.
+
+class _GradSum:
+    """Gradients of several losses with respect to `inputs`, summed in call order (as
+    repeated backward() calls would accumulate them in .grad), without touching .grad."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor]) -> None:
+        self.inputs, self.grads = list(inputs), None
+
+    def add(self, loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(loss, self.inputs)
+        self.grads = list(grads) if self.grads is None else [a + g for a, g in zip(self.grads, grads)]
+
+    def surrogate(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """sum(output * grad): its backward sends exactly the summed gradients into
+        `outputs` (the graph tensors that the detached inputs stand for, or parameters)."""
+        return sum((o * g).sum() for o, g in zip(outputs, self.grads))
+
+
+def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
+    """Mode 3: focal(output_g) + sum over sub-batches of focal(ensemble), section 6.
+
+    1. Per image, the frozen local branch (no grad) runs on every patch with crops of the
+       frozen global model's maps; its maps are merged into that image's context canvases.
+    2. The global branch runs on the whole batch with the merged local context.
+    3. Per sub-batch, the ensemble conv combines the patches' local ps3 with crops of the
+       global ps3. Each patch's ps3 (512 channels at 1/4 of the patch, 33 MB at 508 px) is
+       kept only for the last image of the batch; for the others the local branch runs
+       again (the same values): memory is bounded per image, not per batch.
+
+    The original calls backward through the whole global branch once per sub-batch. The
+    ensemble losses reach the global branch only through ps3_g, so their gradient is
+    summed on a detached ps3_g (and on ensemble_conv) and goes back through the global
+    branch together with the global loss in one backward of the returned objective: the
+    same gradients (up to float summation order, tested against the original scheme).
     """
-    ig = batch["image_global"].to(device, non_blocking=True)
-    lg = batch["label_global"].to(device, non_blocking=True)
-    # Per-patch ps3 maps are large; like the original, park them on the CPU when on a GPU.
-    store = torch.device("cpu") if device.type == "cuda" else device
-    passes, grids, labels = [], [], []
-    for b, image in enumerate(batch["image"]):
-        image = image.to(device, non_blocking=True)
-        grid = PatchGrid.for_size(*image.shape[-2:], size_p)
-        with torch.no_grad():
-            fglob = frozen.global_maps(ig[b : b + 1])
-        template = coverage_template(grid, device)
-        passes.append(
-            local2global_collect(model, fglob, patch_batches(image, grid, sub_batch), grid, template, keep_ps3=True, store=store)
-        )
-        grids.append(grid)
-        labels.append(batch["label"][b].to(device, non_blocking=True))
-    context = Maps.from_context([torch.cat(maps) for maps in zip(*(lp.context.context() for lp in passes))])
+    model, cfg = step.model, step.cfg
+    ig, lg = step.to_device(batch["image_global"]), step.to_device(batch["label_global"])
+    images = [step.to_device(x) for x in batch["image"]]
+    labels = [step.to_device(x) for x in batch["label"]]
+    grids = [PatchGrid.for_size(*x.shape[-2:], cfg.size_p) for x in images]
+    contexts, scored, kept = [], [], None
+    for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
+        last = b == len(images) - 1
+        lp = _local_pass(step, ig[b : b + 1], image, grid, keep="ps3" if last else None)
+        for index in sub_batches(len(grid), cfg.sub_batch):
+            scored.append(("local", patch_labels(label, grid, index), step.to_device(lp.outputs[index]).argmax(1)))
+        contexts.append(lp.context.context())
+        kept = lp.ps3 if last else None
+        del lp
+    context = Maps.from_context([torch.cat(maps) for maps in zip(*contexts)])
+    del contexts
     glob = model.global_maps(ig, context)
+    del context
     loss_g = focal_loss(glob.output, lg)
-    cms["global"].update(lg, glob.output.detach().argmax(1))
+    scored.append(("global", lg, glob.output.detach().argmax(1)))
     ps3_g = glob.ps3.detach().requires_grad_()
-    total = loss_g.detach().clone()
-    parts = {"focal_global": loss_g.detach(), "focal_aggregated": torch.zeros((), device=device)}
-    for b, (lp, grid, label) in enumerate(zip(passes, grids, labels)):
-        for index in sub_batches(len(grid), sub_batch):
+    conv = model.ensemble_conv
+    grads = _GradSum([ps3_g, conv.weight, conv.bias])
+    total, focal_ens = loss_g.detach().clone(), torch.zeros((), device=cfg.device)
+    for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
+        ps3_local = _ps3_kept(kept, grid, cfg.sub_batch) if b == len(images) - 1 else \
+            _ps3_again(step, ig[b : b + 1], image, grid)
+        for index, ps3_l in ps3_local:
             y = patch_labels(label, grid, index)
-            ens = local2global_ensemble(model, ps3_g[b : b + 1], grid, index, ps3_local=lp.ps3[index].to(device))
+            ens = local2global_ensemble(model, ps3_g[b : b + 1], grid, index, ps3_local=step.to_device(ps3_l))
             loss = focal_loss(ens, y)
-            _backward(loss, scaler)
+            grads.add(step.scale(loss))
             total += loss.detach()
-            parts["focal_aggregated"] += loss.detach()
-            cms["local"].update(y, lp.outputs[index].to(device).argmax(1))
-            cms["aggregated"].update(y, ens.detach().argmax(1))
-    if scaler is not None:
-        loss_g = scaler.scale(loss_g)
-    torch.autograd.backward([loss_g, glob.ps3], [torch.ones_like(loss_g), ps3_g.grad])
-    return {"loss": total, **parts}
+            focal_ens += loss.detach()
+            scored.append(("aggregated", y, ens.detach().argmax(1)))
+    objective = step.scale(loss_g) + grads.surrogate([glob.ps3, conv.weight, conv.bias])
+    losses = {"loss": total, "focal_global": loss_g.detach(), "focal_aggregated": focal_ens}
+    return StepResult(objective, losses, scored)
 
 
-TRAIN_STEPS = {1: _train_step_mode1, 2: _train_step_mode2, 3: _train_step_mode3}
+def _local_pass(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor, grid: PatchGrid, keep):
+    """Mode 3 training, first pass over one image's patches (`local2global_collect`).
+    Per-patch results are parked on the CPU when training on a GPU, like the original."""
+    cfg = step.cfg
+    store = torch.device("cpu") if cfg.device.type == "cuda" else cfg.device
+    with torch.no_grad():
+        fglob = step.frozen.global_maps(image_global)
+        template = coverage_template(grid, cfg.device)
+        batches = patch_batches(image, grid, cfg.sub_batch)
+        return local2global_collect(step.model, fglob, batches, grid, template, keep=keep, store=store)
+
+
+def _ps3_kept(ps3: torch.Tensor, grid: PatchGrid, sub_batch: int):
+    for index in sub_batches(len(grid), sub_batch):
+        yield index, ps3[index]
+
+
+def _ps3_again(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor, grid: PatchGrid):
+    """The local ps3 of one image's patches, sub-batch by sub-batch, computed again exactly
+    as in `_local_pass` (same calls, same sub-batches: the same values)."""
+    cfg = step.cfg
+    with torch.no_grad():
+        fglob = step.frozen.global_maps(image_global)
+    for index, patches in patch_batches(image, grid, cfg.sub_batch):
+        ps3 = []
+        take = lambda group, maps, k: ps3.append(maps) if group == "ps3" else None  # noqa: E731
+        with torch.no_grad():  # not around the yield: the caller's code needs grad
+            step.model.local_maps_released(patches, fglob, grid, index, take)
+        yield index, torch.cat(ps3)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -419,44 +578,37 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train_one_epoch(
-    model: GLNet,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    mode: int,
-    epoch: int,
-    num_epochs: int,
-    base_lr: float,
-    device: torch.device,
-    n_class: int,
-    size_p: int,
-    sub_batch: int,
-    lamb_fmreg: float = 0.15,
-    frozen: GLNet | None = None,
-    progress: bool = True,
-    on_iteration=None,
-    amp: str | None = None,
-    scaler=None,
+    step: TrainStep, loader, optimizer: torch.optim.Optimizer, epoch: int, scaler=None, on_iteration=None,
+    forward: Callable | None = None,
 ) -> dict[str, float]:
-    """One epoch: poly lr per iteration, one optimizer step per batch. Returns the mean
-    loss and the train mIoU of each output (at the loss resolution, 1/4)."""
-    set_train_mode(model, mode)
-    if frozen is not None:
-        frozen.eval()
-    cms = {name: ConfusionMatrix(n_class, device) for name in OUTPUTS[mode]}
-    step = TRAIN_STEPS[mode]
+    """One epoch: poly lr per iteration, one optimizer step per batch (gradients summed
+    over its micro-batches). `forward` runs a micro-batch: the step itself (default) or a
+    wrapper of it. Returns the mean loss and the train mIoU of each output (at the loss
+    resolution, 1/4)."""
+    cfg = step.cfg
+    forward = forward or step
+    step.train()
+    cms = {name: ConfusionMatrix(cfg.n_class, cfg.device, cfg.classes.miou_classes) for name in cfg.stage.outputs}
     iters = len(loader)
     loss_sum, n = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not cfg.progress, dynamic_ncols=True)
     for i, batch in enumerate(bar):
-        lr = poly_lr(base_lr, epoch, i, iters, num_epochs)
+        lr = poly_lr(cfg.lr, epoch, i, iters, cfg.num_epochs)
         set_lr(optimizer, lr)
-        with autocast(device, amp):
-            out = step(model, batch, device, cms, size_p=size_p, sub_batch=sub_batch, lamb_fmreg=lamb_fmreg,
-                       frozen=frozen, scaler=scaler)
-        loss = float(out["loss"])
+        sums: dict[str, torch.Tensor] = {}
+        with autocast(cfg.device, cfg.amp):
+            for micro in step.micro_batches(batch):
+                result = forward(micro)
+                result.objective.backward()
+                for name, label, pred in result.scored:
+                    cms[name].update(label, pred)
+                for k, v in result.losses.items():
+                    sums[k] = v if k not in sums else sums[k] + v
+                del result
+        loss = float(sums["loss"])
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
-            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items() if k != "loss")
+            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in sums.items() if k != "loss")
             raise NonFiniteLoss(f"non-finite loss {loss} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
         if scaler is not None:  # fp16: skips the step when gradients overflowed
             scaler.step(optimizer)
@@ -466,7 +618,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss
         n += 1
-        if progress:
+        if cfg.progress:
             bar.set_postfix(loss=f"{loss_sum / n:.4f}", **{f"mIoU_{k[:3]}": f"{cm.miou():.3f}" for k, cm in cms.items()})
         if on_iteration is not None:
             on_iteration(i, lr, loss)
@@ -475,15 +627,41 @@ def train_one_epoch(
     return stats
 
 
-def example_grid(example: dict[str, Any], max_side: int = 512) -> np.ndarray:
-    """Image | label | predictions side by side, in DeepGlobe colours, (3, h, W) uint8 for TensorBoard."""
+def example_grid(example: dict[str, Any], classes=None, max_side: int = 512) -> np.ndarray:
+    """Image | label | predictions side by side, in the class table's colours, (3, h, W) uint8 for TensorBoard."""
+    classes = classes or class_table(7)
     img = example["image"]
     h, w = img.shape[-2:]
     s = max(1, math.ceil(max(h, w) / max_side))
     tiles = [img[:, ::s, ::s].permute(1, 2, 0).numpy()]
     if example["label"] is not None:
-        tiles.append(colorize(example["label"][::s, ::s].numpy()))
+        tiles.append(classes.colorize(example["label"][::s, ::s].numpy()))
     for name in ("global", "local", "aggregated"):
         if name in example["predictions"]:
-            tiles.append(colorize(example["predictions"][name][::s, ::s].numpy().astype(np.uint8)))
+            tiles.append(classes.colorize(example["predictions"][name][::s, ::s].numpy().astype(np.uint8)))
     return np.concatenate(tiles, axis=1).transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+_GLOBAL_PARTS = ("resnet_global", "fpn_global", "ensemble_conv")
+_LOCAL_PARTS = ("resnet_local", "fpn_local", "ensemble_conv")
+_ALL_OUTPUTS = ("global", "local", "aggregated")
+
+STAGES: dict[int, Stage] = {
+    1: Stage(
+        1, "global", "fpn_deepglobe_global", 120, 5e-5, _GLOBAL_PARTS, ("global",), "global", "size_g",
+        init_from=(), backbones=("resnet_global", "resnet_local"), eval_from="path_g", frozen_from=None,
+        plain_eval=True, scores=_scores_global, micro_batches=_micro_whole_batch, losses=_losses_global,
+    ),
+    2: Stage(
+        2, "global2local", "fpn_deepglobe_global2local", 50, 2e-5, _LOCAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_p",
+        init_from=(("path_g", True),), backbones=("resnet_local",), eval_from="path_g2l", frozen_from=None,
+        plain_eval=False, scores=_scores_global2local, micro_batches=_micro_global2local, losses=_losses_global2local,
+    ),
+    3: Stage(
+        3, "local2global", "fpn_deepglobe_local2global", 120, 5e-5, _GLOBAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_g",
+        init_from=(("path_g2l", False),), backbones=(), eval_from="path_l2g", frozen_from="path_g",
+        plain_eval=False, scores=_scores_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
+    ),
+}

@@ -252,18 +252,20 @@ def build_glnet(
 ):
     """Deterministic random-init models: GLNet(n_class) after manual_seed(0) (for mode-1
     evaluation the plain global network) and, for mode 3, the plain global network as the frozen
-    global model (as train_deep_globe.build_models does). Returns (model, frozen, frozen_state):
+    global model (as utils.build.build_models does). Returns (model, frozen, frozen_state):
     with `keep_frozen_state`, the frozen model's state dict (to save it as a checkpoint),
     otherwise None."""
     import torch
 
+    from helper import STAGES
     from models import GLNet
 
     torch.manual_seed(0)
-    plain = mode == 1 and not training  # mode-1 evaluation needs only the plain global network
+    stage = STAGES[mode]
+    plain = stage.plain_eval and not training  # as utils.build.build_models for evaluation
     model = GLNet(n_class, local=False, context=False) if plain else GLNet(n_class)
     frozen, frozen_state = None, None
-    if mode == 3:
+    if stage.frozen_from:
         frozen = GLNet(n_class, local=False, context=False)  # only its plain global network is used
         if keep_frozen_state:
             frozen_state = frozen.state_dict()

@@ -174,7 +174,7 @@ def run_in_process(args, device, data_dir: str) -> dict:
     t0 = time.perf_counter()
     model, frozen, _ = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
     if args.compile:
-        from train_deep_globe import tune_for_device
+        from utils.build import tune_for_device
 
         tune_for_device((model, frozen), torch.device("cpu"), compile_=True)  # cpu: no layout change here
     build_s = time.perf_counter() - t0
@@ -220,10 +220,9 @@ def run_in_process(args, device, data_dir: str) -> dict:
     print(f"mode {args.mode}: {args.warmup} warm-up + {args.n_images} timed images on {device} ({args.precision})", flush=True)
     try:
         with B.autocast(device, args.precision):
-            helper.evaluate(
-                model, images(), args.mode, device, args.n_class, args.size_p, args.sub_batch_size, frozen,
-                tta=args.tta, predictions_dir=pred_dir, with_labels=not args.no_labels, progress=False,
-            )
+            cfg = helper.Config(helper.STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size,
+                                tta=args.tta, progress=False)
+            helper.evaluate(model, images(), cfg, frozen, predictions_dir=pred_dir, with_labels=not args.no_labels)
     finally:
         if pred_dir:
             shutil.rmtree(pred_dir, ignore_errors=True)
@@ -258,15 +257,15 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
     os.makedirs(model_path, exist_ok=True)
     import torch
 
+    from helper import STAGES
+
+    stage = STAGES[args.mode]
     model, frozen, frozen_state = B.build_glnet(args.n_class, args.mode, torch.device("cpu"), keep_frozen_state=True)
-    if args.mode == 3:
-        save_state_dict(model, os.path.join(model_path, "l2g.pth"))
-        torch.save({"module." + k: v for k, v in frozen_state.items()}, os.path.join(model_path, "g.pth"))
-        ckpt = ["--path_l2g", "l2g.pth", "--path_g", "g.pth"]
-    else:
-        name = "g.pth" if args.mode == 1 else "g2l.pth"
-        save_state_dict(model, os.path.join(model_path, name))
-        ckpt = ["--path_g" if args.mode == 1 else "--path_g2l", name]
+    save_state_dict(model, os.path.join(model_path, f"{stage.eval_from}.pth"))
+    ckpt = [f"--{stage.eval_from}", f"{stage.eval_from}.pth"]
+    if stage.frozen_from:
+        torch.save({"module." + k: v for k, v in frozen_state.items()}, os.path.join(model_path, f"{stage.frozen_from}.pth"))
+        ckpt += [f"--{stage.frozen_from}", f"{stage.frozen_from}.pth"]
     del model, frozen, frozen_state
     cmd = [
         sys.executable, os.path.join(REPO, "train_deep_globe.py"), "--evaluation", "--mode", str(args.mode),

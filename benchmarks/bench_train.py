@@ -1,7 +1,7 @@
 """Training benchmark: seconds per iteration and peak memory of each GLNet stage.
 
 Each iteration is one optimizer step on one batch, through the project's own training code
-(helper.configure_stage, helper.make_optimizer, helper.train_one_epoch, hence TRAIN_STEPS[mode]),
+(helper.configure_stage, helper.make_optimizer, helper.train_one_epoch with the stage's TrainStep),
 on synthetic batches built directly as tensors in the format of dataset.deep_globe.collate
 (random uint8 images and labels; the global image and label are their resized versions).
 Weights are random (GLNet after torch.manual_seed(0); mode 3 gets a second GLNet as the frozen
@@ -32,7 +32,6 @@ if REPO not in sys.path:
 
 import benchmarks as B  # noqa: E402
 
-MODE_LR = {1: 5e-5, 2: 2e-5, 3: 5e-5}  # GLNET_SPEC.md section 6 (the value does not change the timing)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -114,8 +113,12 @@ def run_stage(args, mode: int, device) -> dict:
 
     t0 = time.perf_counter()
     model, frozen, _ = B.build_glnet(args.n_class, mode, device, args.channels_last, training=True)
-    params = helper.configure_stage(model, mode)
-    optimizer = helper.make_optimizer(params, MODE_LR[mode])
+    stage = helper.STAGES[mode]
+    params = helper.configure_stage(model, stage)
+    optimizer = helper.make_optimizer(params, stage.lr)
+    cfg = helper.Config(stage, device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
+                        num_epochs=1, lr=stage.lr, progress=False)
+    step = helper.TrainStep(model, cfg, frozen)
     batch = make_batch(args.batch_size, args.image_size, args.size_g, args.n_class, args.seed)
     build_s = time.perf_counter() - t0
     rss_after_build = B.current_rss_mib()
@@ -133,10 +136,7 @@ def run_stage(args, mode: int, device) -> dict:
         B.synchronize(device)
         last[0] = time.perf_counter()
         with B.autocast(device, args.precision):
-            helper.train_one_epoch(
-                model, [batch] * n, optimizer, mode, 0, 1, MODE_LR[mode], device, args.n_class, args.size_p,
-                args.sub_batch_size, args.lamb_fmreg, frozen, progress=False, on_iteration=on_iteration,
-            )
+            helper.train_one_epoch(step, [batch] * n, optimizer, 0, on_iteration=on_iteration)
 
     h, w = args.image_size
     print(f"mode {mode}: batch {args.batch_size} of {h}x{w}, size_g {args.size_g}, size_p {args.size_p}, "

@@ -342,8 +342,8 @@ def global2local(
 
 class LocalPass(NamedTuple):
     """Mode 3, first pass over one image's patches: merged canvases for the global
-    branch, and per patch the local logits and the local ps3 (or, when `ps3` was
-    not kept, the local half of the ensemble conv applied to it)."""
+    branch, and per patch the local logits and what `keep` asked for: the local ps3,
+    or the local half of the ensemble conv applied to it (or neither)."""
 
     context: Maps
     outputs: torch.Tensor
@@ -357,7 +357,7 @@ def local2global_collect(
     patch_batches,
     grid: PatchGrid,
     template: torch.Tensor,
-    keep_ps3: bool = True,
+    keep: str | None = "ps3",
     store: torch.device | str | None = None,
     backbone_batch: int | None = None,
 ) -> LocalPass:
@@ -366,18 +366,18 @@ def local2global_collect(
     into canvases sized like those maps.
 
     patch_batches yields (index, patches) sub-batches covering the whole grid.
-    keep_ps3: store each patch's ps3 (needed to train ensemble_conv); otherwise
-    store only ensemble_conv's local half applied to it (n_class channels instead
-    of 512), which is all inference needs. `store`: device for the per-patch
-    results (default: the patches' device). `backbone_batch`: see
-    `GLNet.local_maps`. Runs without grad.
+    keep="ps3": store each patch's ps3 (training needs it for ensemble_conv);
+    "ensemble_local": store only ensemble_conv's local half applied to it (n_class
+    channels instead of 512), which is all inference needs; None: neither. `store`:
+    device for the per-patch results (default: the patches' device).
+    `backbone_batch`: see `GLNet.local_maps_released`. Runs without grad.
     """
     targets = frozen_glob.context()
     # float32 canvases, also under autocast: they sum many patches
     canvases = [t.new_zeros((1, *t.shape[1:]), dtype=torch.float32) for t in targets]
     groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
-    outputs, kept, ens_local = [], [], []
-    w_local = model.ensemble_conv.weight[:, : 128 * 4].contiguous()
+    outputs, kept = [], []
+    w_local = model.ensemble_conv.weight[:, : 128 * 4].contiguous() if keep == "ensemble_local" else None
 
     def park(x: torch.Tensor) -> torch.Tensor:
         return x.to(store) if store is not None else x
@@ -387,20 +387,18 @@ def local2global_collect(
         if name != "ps3":
             for canvas, m in zip(groups[name], maps):
                 merge_local(canvas, m, grid, idx)
-        elif keep_ps3:
+        elif keep == "ps3":
             kept.append(park(maps))
-        else:
-            ens_local.append(park(F.conv2d(maps, w_local, None, padding=1)))
+        elif keep == "ensemble_local":
+            kept.append(park(F.conv2d(maps, w_local, None, padding=1)))
 
     with torch.no_grad():
         for index, patches in patch_batches:
             outputs.append(park(model.local_maps_released(patches, frozen_glob, grid, index, take, backbone_batch)))
     context = Maps.from_context([normalize_merged(c, template, inplace=True) for c in canvases])
+    kept = torch.cat(kept) if kept else None
     return LocalPass(
-        context,
-        torch.cat(outputs),
-        torch.cat(kept) if keep_ps3 else None,
-        None if keep_ps3 else torch.cat(ens_local),
+        context, torch.cat(outputs), kept if keep == "ps3" else None, kept if keep == "ensemble_local" else None
     )
 
 

@@ -6,7 +6,7 @@ import torch
 
 import helper
 from models import GLNet
-from models.glnet import global2local, local2global_collect, local2global_ensemble
+from models.glnet import Maps, global2local, local2global_collect, local2global_ensemble
 from utils.geometry import PatchGrid, coverage_template
 
 # Copied from shared/reference: every key of the authors' released checkpoints.
@@ -153,8 +153,8 @@ def test_mode3_shapes_and_split_ensemble(model):
     with torch.no_grad():
         fglob = frozen.global_maps(ig)
         tpl = coverage_template(grid)
-        kept = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep_ps3=True)
-        split = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep_ps3=False)
+        kept = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep="ps3")
+        split = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep="ensemble_local")
         glob = model.global_maps(ig, kept.context)
         full = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ps3_local=kept.ps3)
         halves = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ensemble_local=split.ensemble_local)
@@ -172,7 +172,7 @@ def test_mode3_shapes_and_split_ensemble(model):
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_predict_scores_shapes(model, mode):
     frozen = GLNet(7).eval() if mode == 3 else None
-    s = helper.predict_scores(model, mode, _image(160, 200), torch.rand(1, 3, 64, 64), 128, 3, frozen)
+    s = helper.predict_scores(model, helper.STAGES[mode], _image(160, 200), torch.rand(1, 3, 64, 64), 128, 3, frozen)
     assert s.global_.shape == (1, 7, 16, 16)
     if mode == 1:
         assert s.local is None and s.aggregated is None
@@ -208,24 +208,34 @@ def _unused(mode, name):
     return False
 
 
+def _train_step(model, stage, batch, sub_batch, frozen=None):
+    """One training batch through the stage's TrainStep (each micro-batch forward, then
+    backward of its objective), as train_one_epoch runs it; returns the summed losses."""
+    cfg = helper.Config(stage, torch.device("cpu"), 7, 128, sub_batch, 0.15, progress=False)
+    step = helper.TrainStep(model, cfg, frozen)
+    total = {}
+    for micro in step.micro_batches(batch):
+        result = step(micro)
+        result.objective.backward()
+        for k, v in result.losses.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_backward_per_stage(mode):
     torch.manual_seed(0)
     model = GLNet(7)
-    frozen = GLNet(7).eval() if mode == 3 else None
+    stage = helper.STAGES[mode]
+    frozen = GLNet(7).eval() if stage.frozen_from else None
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    helper.configure_stage(model, mode)
-    helper.set_train_mode(model, mode)
-    cms = {k: helper.ConfusionMatrix(7) for k in helper.OUTPUTS[mode]}
-    out = helper.TRAIN_STEPS[mode](
-        model, _batch([(160, 160), (128, 200)]), torch.device("cpu"), cms,
-        size_p=128, sub_batch=3, lamb_fmreg=0.15, frozen=frozen,
-    )
+    helper.configure_stage(model, stage)
+    helper.set_train_mode(model, stage)
+    out = _train_step(model, stage, _batch([(160, 160), (128, 200)]), 3, frozen)
     assert torch.isfinite(out["loss"])
-    trained = helper.TRAINED_PARTS[mode]
     for name, p in model.named_parameters():
         part = name.split(".")[0]
-        if part not in trained:
+        if part not in stage.trained:
             assert not p.requires_grad and p.grad is None, name
         elif _unused(mode, name):
             assert p.grad is None, name
@@ -234,35 +244,42 @@ def test_backward_per_stage(mode):
             assert p.grad.abs().sum() > 0, name
     # Frozen parts' BatchNorm statistics did not move during the forward passes.
     for name, v in model.state_dict().items():
-        if name.split(".")[0] not in trained:
+        if name.split(".")[0] not in stage.trained:
             assert torch.equal(v, before[name]), name
 
 
-def test_mode3_single_backward_equals_per_subbatch_backward():
-    """The one-pass gradient of mode 3 equals the original's backward per sub-batch."""
+@pytest.mark.parametrize("sizes", [[(160, 160)], [(160, 160), (128, 200), (144, 176)]])
+def test_mode3_single_backward_equals_per_subbatch_backward(sizes):
+    """The one-pass gradient of mode 3 (the local ps3 kept for the last image only, run
+    again for the others) equals the original's backward per sub-batch with every ps3 kept."""
     torch.manual_seed(0)
     model = GLNet(7)
     frozen = GLNet(7).eval()
-    helper.configure_stage(model, 3)
-    batch = _batch([(160, 160)])
-    cms = {k: helper.ConfusionMatrix(7) for k in helper.OUTPUTS[3]}
+    stage = helper.STAGES[3]
+    helper.configure_stage(model, stage)
+    batch = _batch(sizes)
     # BatchNorm in eval so that the two forward passes are identical
     model.eval()
-    helper.TRAIN_STEPS[3](model, batch, torch.device("cpu"), cms, size_p=128, sub_batch=2, frozen=frozen)
+    _train_step(model, stage, batch, 2, frozen)
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    # The original's way: the global loss and each ensemble loss backpropagate separately.
-    image, label = batch["image"][0], batch["label"][0]
-    grid = PatchGrid.for_size(160, 160, 128)
-    with torch.no_grad():
-        fglob = frozen.global_maps(batch["image_global"])
-    lp = local2global_collect(model, fglob, helper.patch_batches(image, grid, 2), grid, coverage_template(grid))
-    glob = model.global_maps(batch["image_global"], lp.context)
+    # The original's way: every patch's ps3 kept, then the global loss and each ensemble
+    # loss backpropagate separately.
+    passes = []
+    for b, image in enumerate(batch["image"]):
+        grid = PatchGrid.for_size(*image.shape[-2:], 128)
+        with torch.no_grad():
+            fglob = frozen.global_maps(batch["image_global"][b : b + 1])
+        passes.append((grid, local2global_collect(model, fglob, helper.patch_batches(image, grid, 2), grid,
+                                                  coverage_template(grid))))
+    context = Maps.from_context([torch.cat(m) for m in zip(*(lp.context.context() for _, lp in passes))])
+    glob = model.global_maps(batch["image_global"], context)
     helper.focal_loss(glob.output, batch["label_global"]).backward(retain_graph=True)
-    for index in helper.sub_batches(len(grid), 2):
-        ens = local2global_ensemble(model, glob.ps3, grid, index, ps3_local=lp.ps3[index])
-        helper.focal_loss(ens, helper.patch_labels(label, grid, index)).backward(retain_graph=True)
+    for b, (grid, lp) in enumerate(passes):
+        for index in helper.sub_batches(len(grid), 2):
+            ens = local2global_ensemble(model, glob.ps3[b : b + 1], grid, index, ps3_local=lp.ps3[index])
+            helper.focal_loss(ens, helper.patch_labels(batch["label"][b], grid, index)).backward(retain_graph=True)
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert ours.keys() == ref.keys()
     for n in ref:
@@ -282,10 +299,10 @@ def test_coarse_canvases_equal_full_resolution(model, mode, size, stride, monkey
     image, ig = _image(size, size), torch.rand(1, 3, 64, 64)
     grid = PatchGrid.for_size(size, size, 128)
     assert helper.score_grid(grid)[1] == stride
-    fast = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    fast = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
     assert fast.stride == stride and fast.local.shape == (7, size // stride, size // stride)
     monkeypatch.setattr(helper, "score_grid", lambda g: (g, 1))
-    full = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    full = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
     assert full.stride == 1 and full.local.shape == (7, size, size)
     for name in ("local", "aggregated"):
         assert torch.equal(helper.upsample_canvas(getattr(fast, name), stride), getattr(full, name))
@@ -332,27 +349,27 @@ def test_backbone_patch_by_patch_gives_the_same_scores(model, mode, monkeypatch)
     assert helper.backbone_batch(torch.device("cuda")) is None
     frozen = GLNet(7, local=False, context=False).eval() if mode == 3 else None
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    one = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    one = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
     monkeypatch.setattr(helper, "backbone_batch", lambda device: None)
-    whole = helper.predict_scores(model, mode, image, ig, 128, 4, frozen)
+    whole = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
     for name in ("global_", "local", "aggregated"):
         a, b = getattr(one, name), getattr(whole, name)
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
 
 
 def test_channels_last_models_give_the_same_scores(model):
-    """CUDA runs the models in channels_last (train_deep_globe.tune_for_device); the code
+    """CUDA runs the models in channels_last (utils.build.tune_for_device); the code
     around the convolutions (crops, merges, concatenations) must not depend on the layout.
     Checked here on the CPU, where the layout is also accepted."""
     import copy
 
     frozen = GLNet(7, local=False, context=False).eval()
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    ref = helper.predict_scores(model, 3, image, ig, 128, 4, frozen)
+    ref = helper.predict_scores(model, helper.STAGES[3], image, ig, 128, 4, frozen)
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fnhwc = copy.deepcopy(frozen).to(memory_format=torch.channels_last)
     assert nhwc.fpn_local.smooth.weight.is_contiguous(memory_format=torch.channels_last)
-    got = helper.predict_scores(nhwc, 3, image, ig, 128, 4, fnhwc)
+    got = helper.predict_scores(nhwc, helper.STAGES[3], image, ig, 128, 4, fnhwc)
     for name in ("global_", "local", "aggregated"):
         assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4), name
 
@@ -364,28 +381,29 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
     import copy
 
     import torch._dynamo
-    import train_deep_globe
+
+    from utils.build import tune_for_device
 
     m = copy.deepcopy(model)
     frozen = GLNet(7, local=False, context=False).eval()
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    ref = helper.predict_scores(m, 3, image, ig, 128, 4, frozen)
+    ref = helper.predict_scores(m, helper.STAGES[3], image, ig, 128, 4, frozen)
     keys = list(m.state_dict())
     torch._dynamo.reset()
-    train_deep_globe.tune_for_device((m, frozen), torch.device("cpu"), compile_=True, compile_backend="eager")
+    tune_for_device((m, frozen), torch.device("cpu"), compile_=True, compile_backend="eager")
     assert list(m.state_dict()) == keys
     for part in (m.resnet_global, m.resnet_local, m.fpn_global, frozen.resnet_global, frozen.fpn_global):
         assert part._compiled_call_impl is not None
     assert m.fpn_local._compiled_call_impl is None
     assert m.fpn_local.smooth.weight.is_contiguous()  # CPU: no layout change
-    got = helper.predict_scores(m, 3, image, ig, 128, 4, frozen)
+    got = helper.predict_scores(m, helper.STAGES[3], image, ig, 128, 4, frozen)
     for name in ("global_", "local", "aggregated"):
         assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6), name
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled > 0
     # a wider image: 8 patches instead of 4, new patch indices, the same shapes
     assert len(PatchGrid.for_size(160, 300, 128)) == 8
-    helper.predict_scores(m, 3, _image(160, 300), torch.rand(1, 3, 64, 64), 128, 4, frozen)
+    helper.predict_scores(m, helper.STAGES[3], _image(160, 300), torch.rand(1, 3, 64, 64), 128, 4, frozen)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
 
@@ -393,9 +411,9 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
 def test_bf16_autocast_runs_and_mostly_agrees(model):
     frozen = GLNet(7).eval()
     image, ig = _image(160, 160), torch.rand(1, 3, 64, 64)
-    ref = helper.predict(model, 3, image, ig, 128, 4, frozen)
+    ref = helper.predict(model, helper.STAGES[3], image, ig, 128, 4, frozen)
     with helper.autocast(torch.device("cpu"), "bf16"):
-        low = helper.predict(model, 3, image, ig, 128, 4, frozen)
+        low = helper.predict(model, helper.STAGES[3], image, ig, 128, 4, frozen)
     for name in ("global", "local", "aggregated"):
         assert low[name].shape == ref[name].shape
         # random weights give near-ties, so not all pixels agree; most must

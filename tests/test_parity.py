@@ -68,7 +68,7 @@ def eval_models():
 def test_scores_are_unchanged(ref, eval_models, mode):
     model, frozen = eval_models
     for i, s in enumerate(ref["eval_samples"]):
-        got = helper.predict_scores(model, mode, s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen)
+        got = helper.predict_scores(model, helper.STAGES[mode], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen)
         exp = ref["scores"][(mode, i)]
         assert got.stride == exp["stride"]
         for name in ("global", "local", "aggregated"):
@@ -78,7 +78,7 @@ def test_scores_are_unchanged(ref, eval_models, mode):
 def test_tta_predictions_are_unchanged(ref, eval_models):
     model, frozen = eval_models
     s = ref["eval_samples"][0]
-    got = helper.predict(model, 3, s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen, tta=True)
+    got = helper.predict(model, helper.STAGES[3], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen, tta=True)
     assert got.keys() == ref["tta_mode3_image0"].keys()
     for name, exp in ref["tta_mode3_image0"].items():
         assert_same(ref, got[name], exp, name)
@@ -89,7 +89,8 @@ def test_confusion_matrices_are_unchanged(ref, eval_models, mode):
     model, frozen = eval_models
     samples = ref["eval_samples"]
     loader = [batch_of(samples[:2]), batch_of(samples[2:])]
-    cms, _ = helper.evaluate(model, loader, mode, torch.device("cpu"), 7, ref["size_p"], ref["sub_batch"], frozen, progress=False)
+    cfg = helper.Config(helper.STAGES[mode], torch.device("cpu"), 7, ref["size_p"], ref["sub_batch"], progress=False)
+    cms, _ = helper.evaluate(model, loader, cfg, frozen)
     exp = ref["confusion"][mode]
     assert cms.keys() == exp.keys()
     for name in exp:
@@ -102,15 +103,15 @@ def test_confusion_matrices_are_unchanged(ref, eval_models, mode):
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_training_losses_and_weights_are_unchanged(ref, mode):
     model, frozen = models(21)
-    params = helper.configure_stage(model, mode)
-    opt = helper.make_optimizer(params, 1e-4)
+    stage = helper.STAGES[mode]
+    opt = helper.make_optimizer(helper.configure_stage(model, stage), 1e-4)
+    cfg = helper.Config(stage, torch.device("cpu"), 7, ref["size_p"], ref["sub_batch"], 0.15, num_epochs=2, lr=1e-4,
+                        progress=False)
+    step = helper.TrainStep(model, cfg, frozen if stage.frozen_from else None)
     losses = []
     train, train2 = ref["train_samples"]
-    helper.train_one_epoch(
-        model, [batch_of(train), batch_of(train2)], opt, mode, 0, 2, 1e-4, torch.device("cpu"), 7, ref["size_p"],
-        ref["sub_batch"], 0.15, frozen if mode == 3 else None, progress=False,
-        on_iteration=lambda i, lr, loss: losses.append(loss),
-    )
+    helper.train_one_epoch(step, [batch_of(train), batch_of(train2)], opt, 0,
+                           on_iteration=lambda i, lr, loss: losses.append(loss))
     exp = ref["training"][mode]
     assert len(losses) == len(exp["losses"]) == 2
     for k, (a, b) in enumerate(zip(losses, exp["losses"])):

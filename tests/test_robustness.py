@@ -52,7 +52,7 @@ def reached():
 
 def wait_for_signal():
     """Block until the run's SIGINT/SIGTERM handler has seen a signal."""
-    stop = signal.getsignal(signal.SIGTERM).__self__  # train_deep_globe.GracefulStop
+    stop = signal.getsignal(signal.SIGTERM).__self__  # utils.run.GracefulStop
     deadline = time.time() + 300
     while stop.signum is None and time.time() < deadline:
         time.sleep(0.02)
@@ -76,15 +76,15 @@ if hook == "die_in_second_checkpoint_write":
     ck.save_state_dict = save_state_dict
 elif hook == "wait_in_first_step":
     # the signal arrives while the first training iteration of this process is running
-    step, steps = helper.TRAIN_STEPS[1], []
+    forward, steps = helper.TrainStep.forward, []
     def wrapped(*a, **k):
-        out = step(*a, **k)
+        out = forward(*a, **k)
         if not steps:
             reached()
             wait_for_signal()
         steps.append(1)
         return out
-    helper.TRAIN_STEPS[1] = wrapped
+    helper.TrainStep.forward = wrapped
 elif hook == "wait_in_validation":
     evaluate = helper.evaluate
     def wrapped(*a, **k):
@@ -330,7 +330,8 @@ def test_non_finite_loss_message_names_the_loss_parts(mode, monkeypatch):
     monkeypatch.setattr(helper, "focal_loss", focal)
     model = GLNet(7)
     frozen = GLNet(7).eval() if mode == 3 else None
-    optimizer = helper.make_optimizer(helper.configure_stage(model, mode), 1e-3)
+    stage = helper.STAGES[mode]
+    optimizer = helper.make_optimizer(helper.configure_stage(model, stage), 1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     g = torch.Generator().manual_seed(0)
     batch = {"image": [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8, generator=g)],
@@ -338,8 +339,8 @@ def test_non_finite_loss_message_names_the_loss_parts(mode, monkeypatch):
              "label": [torch.randint(0, 7, (128, 128), dtype=torch.uint8, generator=g)],
              "label_global": torch.randint(0, 7, (1, 16, 16), generator=g)}
     with pytest.raises(helper.NonFiniteLoss) as e:
-        helper.train_one_epoch(model, [batch], optimizer, mode, 0, 1, 1e-3, torch.device("cpu"), 7, 128, 2,
-                               frozen=frozen, progress=False)
+        cfg = helper.Config(stage, torch.device("cpu"), 7, 128, 2, num_epochs=1, lr=1e-3, progress=False)
+        helper.train_one_epoch(helper.TrainStep(model, cfg, frozen), [batch], optimizer, 0)
     msg = str(e.value)
     assert msg.startswith("non-finite loss nan at epoch 1, iteration 1 of 1 ("), msg
     assert "focal_aggregated nan" in msg
@@ -414,8 +415,11 @@ def test_prediction_write_failing_midway_keeps_the_old_file(tmp_path, monkeypatc
     real_save = Image.Image.save
 
     def failing_save(self, fp, *a, **k):
-        with open(fp, "wb") as f:
-            f.write(b"\x89PNG half")
+        if hasattr(fp, "write"):
+            fp.write(b"\x89PNG half")
+        else:
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
@@ -658,6 +662,7 @@ def test_resume_file_keeps_the_fp16_grad_scaler_state(tmp_path):
     import argparse
 
     from models import GLNet
+    from utils import run
 
     args = argparse.Namespace(model_path=str(tmp_path), task_name="t", amp="fp16")
     model = GLNet(3, local=False, context=False)
@@ -665,9 +670,10 @@ def test_resume_file_keeps_the_fp16_grad_scaler_state(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     scaler.scale(torch.ones(()))
     scaler.update(new_scale=1234.0)  # as if training had lowered it
-    train_deep_globe.save_epoch(args, model, optimizer, 0, 0.5, -1.0, scaler)
-    state = torch.load(train_deep_globe.resume_path(args), weights_only=False)
+    files = run.RunFiles(str(tmp_path), str(tmp_path), "t")
+    run.save_epoch(files, args, model, optimizer, 0, 0.5, -1.0, scaler)
+    state = torch.load(files.resume, weights_only=False)
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    epochs, best = train_deep_globe.restore_training(model, optimizer, state, "x", fresh)
+    epochs, best = run.restore_training(model, optimizer, state, "x", fresh)
     assert (epochs, best) == (1, 0.5)
     assert fresh.get_scale() == 1234.0

@@ -169,9 +169,9 @@ def _global_scores(image_global, weight):
     return torch.einsum("ck,bkhw->bchw", weight, F.avg_pool2d(image_global, 4) - 0.5)
 
 
-def _equivariant_fn(model, mode, image, image_global, size_p, sub_batch, frozen):
+def _equivariant_fn(model, stage, image, image_global, size_p, sub_batch, frozen):
     g = _global_scores(image_global, W_GLOBAL)
-    if mode == 1:
+    if stage.mode == 1:
         return helper.Scores(g, None, None)
     return helper.Scores(g, _colour_scores(image, W_LOCAL), _colour_scores(image, W_AGG))
 
@@ -206,8 +206,8 @@ def tta_input():
 @pytest.mark.parametrize("tta", [False, True])
 def test_predict_equivariant_predictor_same_with_and_without_tta(tta_input, mode, tta):
     image, image_global = tta_input
-    out = helper.predict(None, mode, image, image_global, 64, 2, tta=tta, predict_fn=_equivariant_fn)
-    assert set(out) == set(helper.OUTPUTS[mode])
+    out = helper.predict(None, helper.STAGES[mode], image, image_global, 64, 2, tta=tta, predict_fn=_equivariant_fn)
+    assert set(out) == set(helper.STAGES[mode].outputs)
     # Expected, computed without helper: argmax per pixel; global argmax at 8 x 8 in blocks.
     expected_global = _blocks(_global_scores(image_global, W_GLOBAL)[0].argmax(0))
     assert out["global"].shape == (H, W)
@@ -233,7 +233,7 @@ def test_predict_tta_undoes_each_view(tta_input, monkeypatch):
     }
     # The expectation is not just the plain prediction (else a no-op TTA would pass).
     assert not torch.equal(expected["local"], local.argmax(0))
-    out = helper.predict(None, 2, image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
+    out = helper.predict(None, helper.STAGES[2], image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
     for name in ("global", "local", "aggregated"):
         assert torch.equal(out[name], expected[name]), name
 
@@ -243,7 +243,7 @@ def test_predict_tta_undoes_each_view(tta_input, monkeypatch):
         return x.flip(-1) if flip else x
 
     monkeypatch.setattr(helper, "undo_dihedral", wrong_undo)
-    bad = helper.predict(None, 2, image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
+    bad = helper.predict(None, helper.STAGES[2], image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
     assert not torch.equal(bad["local"], expected["local"])
 
 
@@ -287,10 +287,10 @@ def test_configure_stage_and_train_mode(tiny_model, mode, trained):
     parts = ["resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv"]
     # Start from the opposite state, so that the call has to set every flag both ways.
     other = 2 if mode != 2 else 1
-    helper.configure_stage(model, other)
+    helper.configure_stage(model, helper.STAGES[other])
     model.eval()
-    params = helper.configure_stage(model, mode)
-    helper.set_train_mode(model, mode)
+    params = helper.configure_stage(model, helper.STAGES[mode])
+    helper.set_train_mode(model, helper.STAGES[mode])
     expected_ids = {id(p) for name in trained for p in getattr(model, name).parameters()}
     assert {id(p) for p in params} == expected_ids
     assert len(params) == len(expected_ids)
@@ -355,17 +355,17 @@ def test_train_one_epoch_mode2_on_mixed_batch(mixed_data, tiny_model):
     model = tiny_model
     ds = DeepGlobe(mixed_data, "train", size_g=64, size_p=64, n_class=N_CLASS, train=True, seed=1)
     loader = DataLoader(ds, batch_size=2, shuffle=False, collate_fn=collate)
-    params = helper.configure_stage(model, 2)
+    stage = helper.STAGES[2]
+    params = helper.configure_stage(model, stage)
     optimizer = helper.make_optimizer(params, 1e-4)
     watched = ("fpn_local.classify.weight", "resnet_local.layer1.0.conv1.weight", "ensemble_conv.weight")
     before = {
         k: v.clone() for k, v in model.state_dict().items() if k.startswith(("resnet_global.", "fpn_global.")) or k in watched
     }
     calls = []
+    cfg = helper.Config(stage, torch.device("cpu"), N_CLASS, 64, 2, num_epochs=1, lr=1e-4, progress=False)
     stats = helper.train_one_epoch(
-        model, loader, optimizer, mode=2, epoch=0, num_epochs=1, base_lr=1e-4,
-        device=torch.device("cpu"), n_class=N_CLASS, size_p=64, sub_batch=2, progress=False,
-        on_iteration=lambda i, lr, loss: calls.append((i, lr, loss)),
+        helper.TrainStep(model, cfg), loader, optimizer, 0, on_iteration=lambda i, lr, loss: calls.append((i, lr, loss)),
     )
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
     for name in ("global", "local", "aggregated"):
@@ -379,6 +379,122 @@ def test_train_one_epoch_mode2_on_mixed_batch(mixed_data, tiny_model):
             assert not torch.equal(after[k], v), k
         else:
             assert torch.equal(after[k], v), k
+
+
+def _legacy_sample(path_image, path_label, size_g, size_p, transposes=()):
+    """The loader's sample as DeepGlobe.__getitem__ built it inline up to commit aae1ea1
+    (kept here as the reference for image_views / label_views); `transposes` are applied
+    first, as the train-time augmentation does."""
+    image = Image.open(path_image).convert("RGB")
+    label = Image.fromarray(np.asarray(Image.open(path_label))) if path_label else None
+    for op in transposes:
+        image = image.transpose(op)
+        label = label.transpose(op) if label is not None else None
+
+    def pad(im, height, width, fill):
+        if im.size == (width, height):
+            return im
+        out = Image.new(im.mode, (width, height), fill)
+        out.paste(im, (0, 0))
+        return out
+
+    width, height = image.size
+    ph, pw = max(height, size_p), max(width, size_p)
+    image = pad(image, ph, pw, (0, 0, 0))
+    g = size_g
+    sample = {
+        "size": (height, width),
+        "image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
+        "image_global": torch.from_numpy(np.asarray(image.resize((g, g), Image.BILINEAR)).copy())
+        .permute(2, 0, 1).float().div(255),
+    }
+    if label is not None:
+        label = pad(label, ph, pw, 255)
+        sample["label"] = torch.from_numpy(np.asarray(label).copy())
+        sample["label_global"] = torch.from_numpy(np.asarray(label.resize((g // 4, g // 4), Image.NEAREST)).astype(np.int64))
+    return sample
+
+
+def _assert_same_sample(got, want):
+    assert list(got) == list(want)  # same keys in the same order
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        else:
+            assert got[k] == v, k
+
+
+VIEW_SIZES = [(64, 72), (40, 64), (37, 53), (96, 96)]  # (H, W): larger, shorter, both shorter, equal
+
+
+@pytest.fixture(scope="module")
+def view_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("views")
+    generate(root, n_train=4, n_val=0, n_test=0, sizes=VIEW_SIZES, seed=5)
+    return root
+
+
+@pytest.mark.parametrize("size_g, size_p", [(64, 64), (48, 92), (32, 40), (100, 24)])
+def test_samples_are_those_of_the_inline_loader(view_data, size_g, size_p):
+    import random
+
+    ds = DeepGlobe(str(view_data), "train", size_g=size_g, size_p=size_p, n_class=N_CLASS)
+    for i, id_ in enumerate(ds.ids):
+        sat, lab = view_data / "train" / "Sat" / f"{id_}_sat.jpg", view_data / "train" / "Label" / f"{id_}_mask.png"
+        got = ds[i]
+        assert got.pop("id") == id_
+        _assert_same_sample(got, _legacy_sample(sat, lab, size_g, size_p))
+    # with augmentation: the same draws give the same flips/rotations as before
+    ds = DeepGlobe(str(view_data), "train", size_g=size_g, size_p=size_p, n_class=N_CLASS, train=True, seed=2)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i, id_ in enumerate(ds.ids):
+            sat, lab = view_data / "train" / "Sat" / f"{id_}_sat.jpg", view_data / "train" / "Label" / f"{id_}_mask.png"
+            rng = random.Random(hash((2, epoch, i)))
+            ops = []
+            if rng.random() < 0.5:
+                ops.append(Image.Transpose.FLIP_LEFT_RIGHT)
+            if rng.random() < 0.5:
+                ops.append(rng.choice([Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270]))
+            got = ds[i]
+            del got["id"]
+            _assert_same_sample(got, _legacy_sample(sat, lab, size_g, size_p, ops))
+    # the unlabelled split: image views only
+    ds = DeepGlobe(str(view_data), "train", size_g=size_g, size_p=size_p, n_class=N_CLASS, labels=False)
+    got = ds[1]
+    del got["id"]
+    _assert_same_sample(got, _legacy_sample(view_data / "train" / "Sat" / f"{ds.ids[1]}_sat.jpg", None, size_g, size_p))
+
+
+def test_image_and_label_views_by_hand():
+    from dataset.deep_globe import image_views, label_views
+
+    # a 5 x 6 (H x W) image, padded to 8 x 8 (size_p 8), global view 4 x 4
+    arr = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    v = image_views(Image.fromarray(arr), size_g=4, size_p=8)
+    assert list(v) == ["size", "image", "image_global"] and v["size"] == (5, 6)
+    assert v["image"].dtype == torch.uint8 and v["image"].shape == (3, 8, 8)
+    assert torch.equal(v["image"][:, :5, :6], torch.from_numpy(arr).permute(2, 0, 1))
+    assert int(v["image"][:, 5:].sum()) == 0 and int(v["image"][:, :, 6:].sum()) == 0
+    assert v["image_global"].dtype == torch.float32 and v["image_global"].shape == (3, 4, 4)
+    # bilinear 8 -> 4 of the padded image, / 255: PIL's own resize
+    padded = np.zeros((8, 8, 3), np.uint8)
+    padded[:5, :6] = arr
+    expect = np.asarray(Image.fromarray(padded).resize((4, 4), Image.BILINEAR))
+    assert torch.equal(v["image_global"], torch.from_numpy(expect.copy()).permute(2, 0, 1).float() / 255)
+    # images at least size_p keep their size; a non-RGB image is converted
+    big = image_views(Image.fromarray(arr[..., 0]), size_g=4, size_p=3)
+    assert big["image"].shape == (3, 5, 6) and torch.equal(big["image"][1], torch.from_numpy(arr[..., 0]))
+    lab = np.array([[0, 1, 2, 3, 4, 5]] * 5, np.uint8)
+    lv = label_views(Image.fromarray(lab), size_g=16, size_p=8, ignore_index=255)
+    assert list(lv) == ["label", "label_global"]
+    assert lv["label"].dtype == torch.uint8 and lv["label"].shape == (8, 8)
+    assert torch.equal(lv["label"][:5, :6], torch.from_numpy(lab))
+    assert torch.all(lv["label"][5:] == 255) and torch.all(lv["label"][:, 6:] == 255)
+    # NEAREST 8 -> 4 reads source pixel 2r + 1 (r = 0..3): columns 1, 3, 5, 7 (7 is padding)
+    assert lv["label_global"].dtype == torch.int64
+    assert lv["label_global"].tolist() == [[1, 3, 5, 255]] * 2 + [[255] * 4] * 2
+    assert torch.all(label_views(Image.fromarray(lab), 16, 8, ignore_index=9)["label"][5:] == 9)
 
 
 # ----------------------------------------------------------------------------- loader errors
@@ -463,6 +579,51 @@ def test_loader_error_corrupt_jpeg(tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a jpeg at all" * 10)
     with pytest.raises(UserError, match=r"1_sat\.jpg"):
         _load_all(tmp_path)
+
+
+def _first_error(fn):
+    with pytest.raises(UserError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_check_files_finds_header_problems_with_the_loaders_messages(tmp_path):
+    from dataset.deep_globe import PREPARE_HINT, check_label_header
+
+    _write_sample(tmp_path, "train", "1")
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=N_CLASS)
+    ds.check_files()  # a clean split passes
+    label = tmp_path / "train" / "Label" / "1_mask.png"
+    # size mismatch: sizes as width x height, the label named; the loader says the same
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(label)
+    msg = _first_error(ds.check_files)
+    assert msg == f"size mismatch: image 40x32 but label 32x32 in {label}"
+    assert _first_error(lambda: ds[0]) == msg
+    # a colour mask points to the preparation script
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(label)
+    msg = _first_error(ds.check_files)
+    assert msg == f"{label} is a 3-channel colour mask, not a class-index mask; {PREPARE_HINT}"
+    assert _first_error(lambda: ds[0]) == msg
+    # an unreadable label or image
+    label.write_bytes(b"not a png" * 10)
+    assert _first_error(ds.check_files).startswith(f"cannot read {label}: corrupt or truncated image (")
+    assert _first_error(lambda: check_label_header(str(label), (40, 32))).endswith("; re-download or remove it")
+    _write_sample(tmp_path, "train", "1")
+    sat = tmp_path / "train" / "Sat" / "1_sat.jpg"
+    sat.write_bytes(b"garbage" * 10)
+    assert _first_error(ds.check_files).startswith(f"cannot read {sat}: corrupt or truncated image (")
+
+
+def test_check_files_reads_headers_only(tmp_path):
+    mask = np.full((32, 40), 1, np.uint8)
+    mask[3, 3] = 9  # a bad value needs the pixels: left to the loader
+    _write_sample(tmp_path, "train", "1", mask=mask)
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=N_CLASS)
+    ds.check_files()
+    assert "label value 9" in _first_error(lambda: ds[0])
+    # the unlabelled split does not look at labels
+    (tmp_path / "train" / "Label" / "1_mask.png").write_bytes(b"junk")
+    DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=N_CLASS, labels=False).check_files()
 
 
 def test_focal_loss_all_ignored_is_zero_not_nan():

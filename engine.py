@@ -1,0 +1,167 @@
+"""The two runs of train_deep_globe.py: training (epochs of helper.train_one_epoch, each
+followed by validation, checkpoints and logs, with graceful stops and resume) and
+evaluation (metrics table and JSON, predictions). The stage's specifics come from
+helper.STAGES; the run's files and life from utils.run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+import helper
+from dataset.deep_globe import collate
+from utils.errors import UserError
+from utils.io import write_json
+from utils.run import GracefulStop, Interrupted, RunFiles, RunLog, first_nonfinite, restore_training, save_epoch, worker_init
+
+
+def make_loader(dataset, args, device, shuffle: bool, generator=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=shuffle,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        drop_last=False,
+        worker_init_fn=worker_init if args.num_workers > 0 else None,
+    )
+
+
+def metrics_dict(cms) -> dict:
+    return {
+        name: {"iou": [None if math.isnan(x) else x for x in cm.iou()], "miou": cm.miou()} for name, cm in cms.items()
+    }
+
+
+def format_table(results: dict, classes) -> str:
+    """Per-class IoU table with class names, one column per output."""
+    names = list(results)
+    lines = [f"{'class':<14}" + "".join(f"{k:>12}" for k in names)]
+    for c, class_name in enumerate(classes.names):
+        cells = "".join(
+            f"{'n/a' if results[k]['iou'][c] is None else format(results[k]['iou'][c], '.4f'):>12}" for k in names
+        )
+        lines.append(f"{c} {class_name:<12}" + cells)
+    lines.append(f"{'mIoU':<14}" + "".join(f"{results[k]['miou']:>12.4f}" for k in names))
+    return "\n".join(lines)
+
+
+def run_evaluation(args, cfg: helper.Config, model, frozen, ds) -> int:
+    split = "test" if args.test else "crossvali"
+    t0 = time.time()
+    cms, _ = helper.evaluate(
+        model, make_loader(ds, args, cfg.device, shuffle=False), cfg, frozen,
+        predictions_dir=args.predictions_dir, with_labels=not args.test, desc=f"{split} ({len(ds)} images)",
+    )
+    elapsed = time.time() - t0
+    print(f"{split}: {len(ds)} images in {elapsed:.1f} s ({elapsed / len(ds):.2f} s/image)")
+    if args.predictions_dir:
+        print(f"predictions: {args.predictions_dir}")
+    if args.test:
+        return 0
+    results = metrics_dict(cms)
+    print(format_table(results, cfg.classes))
+    print("  ".join(f"mIoU {k}: {v['miou']:.4f}" for k, v in results.items()))
+    path = RunFiles.of(args).metrics
+    write_json(path, results)
+    print(f"metrics: {path}")
+    return 0
+
+
+class Trainer:
+    """One training run: the epochs left, each followed by validation, checkpoints
+    (utils.run.save_epoch) and its log line. SIGINT/SIGTERM stop it at the next iteration
+    or epoch boundary; `run` returns the exit code."""
+
+    def __init__(self, args, cfg: helper.Config, model, frozen, datasets, command: str) -> None:
+        self.args, self.cfg, self.model, self.frozen, self.command = args, cfg, model, frozen, command
+        self.files = RunFiles.of(args)
+        self.train_ds, self.val_ds = datasets["train"], datasets["crossvali"]
+        self.generator = torch.Generator()
+        self.train_loader = make_loader(self.train_ds, args, cfg.device, shuffle=True, generator=self.generator)
+        self.val_loader = make_loader(self.val_ds, args, cfg.device, shuffle=False)
+        self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.lr)
+        self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
+        self.step = helper.TrainStep(model, cfg, frozen, self.scaler)
+        self.start, self.done, self.best = 0, 0, -1.0  # done: epochs in the resume file
+
+    def restore(self, state: dict | None) -> None:
+        for name in self.files.remove_stale_temps():
+            print(f"removed {name}, left by an interrupted write")
+        if state is not None:
+            self.start, self.best = restore_training(self.model, self.optimizer, state, self.files.resume, self.scaler)
+            self.done = self.start
+            print(f"resumed from {self.files.resume}: {self.start} of {self.cfg.num_epochs} epochs done, best mIoU {self.best:.4f}")
+
+    def run(self, state: dict | None = None) -> int:
+        self.restore(state)
+        if self.start >= self.cfg.num_epochs:
+            print(f"nothing to do: all {self.cfg.num_epochs} epochs are done (a larger --num_epochs trains on)")
+            return 0
+        stop = GracefulStop()
+        log = RunLog(self.files, self.cfg.num_epochs, len(self.train_loader), stop)
+        if state is not None:
+            log.note(f"resumed after epoch {self.start} from {self.files.resume}")
+        try:
+            with stop:
+                for epoch in range(self.start, self.cfg.num_epochs):
+                    self.epoch(epoch, log)
+                    stop.check()  # a signal during validation or saving stops here, with this epoch saved
+        except helper.NonFiniteLoss as e:
+            raise UserError(f"{e}: training stopped; {self._kept()}") from e
+        except Exception as e:
+            if not isinstance(e, Interrupted):
+                if stop.signum is None or isinstance(e, UserError):
+                    raise
+                # e.g. a loader worker killed by the same SIGTERM (sent to the whole process group)
+                e = Interrupted(stop.signum)
+            print(f"interrupted by {e.name} ({self._where(log)}); {self._saved()}", file=sys.stderr, flush=True)
+            return e.code
+        finally:
+            log.close()
+        print(f"checkpoints: {self.files.last} (last), {self.files.best} (best val mIoU {self.best:.4f})")
+        print(f"TensorBoard: tensorboard --logdir {self.args.log_path}")
+        return 0
+
+    def epoch(self, epoch: int, log: RunLog) -> None:
+        cfg = self.cfg
+        log.start_epoch(epoch)
+        self.generator.manual_seed(self.args.seed * 1000003 + epoch)  # shuffling and augmentation depend on (seed, epoch) only
+        self.train_ds.set_epoch(epoch)
+        t0 = time.time()
+        stats = helper.train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration)
+        bad = first_nonfinite(self.model)
+        if bad is not None:
+            raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad})")
+        log.position = "during validation"
+        cms, example = helper.evaluate(self.model, self.val_loader, cfg, self.frozen, desc="validation")
+        val = {k: cm.miou() for k, cm in cms.items()}
+        log.position = "while saving"
+        self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, val[cfg.stage.main_output],
+                               self.best, self.scaler)
+        self.done = epoch + 1
+        image = helper.example_grid(example, cfg.classes) if example is not None else None
+        log.epoch_end(stats, val, self.best, image, time.time() - t0)
+
+    def _kept(self) -> str:
+        if self.done:
+            return (f"the weights of the last good epoch ({self.done}) are in {self.files.last}; "
+                    f"lower --lr and continue with: {self.command} --lr LR")
+        return f"no epoch was saved; lower --lr (now {self.cfg.lr:g}) and start again"
+
+    def _where(self, log: RunLog) -> str:
+        if self.done <= log.epoch:
+            return f"epoch {log.epoch + 1}/{self.cfg.num_epochs}, {log.position}"
+        return f"after epoch {self.done}"
+
+    def _saved(self) -> str:
+        if self.done:
+            return f"epochs 1..{self.done} are saved in {self.files.resume}; continue with:\n  {self.command}"
+        return "no epoch was completed, so nothing was saved: run the same command again (without --resume)"

@@ -1,0 +1,118 @@
+"""The models of a run, built and loaded as its stage says (helper.STAGES, GLNET_SPEC.md
+section 1): which checkpoint feeds which part, what starts from --backbone_weights, and
+the frozen global model of mode 3. Checkpoint names (--path_*) are joined to --model_path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from models import GLNet
+from models.resnet import NO_TORCHVISION, load_backbone_weights
+from utils.checkpoint import all_keys, global_keys, load_checkpoint
+from utils.errors import UserError
+
+
+def checkpoint_path(args, flag: str) -> str:
+    return os.path.join(args.model_path, getattr(args, flag))
+
+
+def _hint(args, flag: str) -> str:
+    from helper import STAGES
+
+    writer = next(s.mode for s in STAGES.values() if s.eval_from == flag)
+    return (
+        f"--{flag} should name the checkpoint written by --mode {writer} training "
+        f"(--path_* are relative to --model_path {args.model_path})"
+    )
+
+
+def check_checkpoints_exist(args, stage, resuming: bool) -> None:
+    for flag in stage.checkpoints(args.evaluation, resuming):
+        path = checkpoint_path(args, flag)
+        if not os.path.isfile(path):
+            raise UserError(f"--{flag}: checkpoint not found: {path}; {_hint(args, flag)}")
+
+
+def load_for_flag(model, args, flag: str, select, assign: bool = False) -> None:
+    """load_checkpoint, with the flag and where the file should come from in the message."""
+    try:
+        load_checkpoint(model, checkpoint_path(args, flag), select, assign)
+    except UserError as e:
+        raise UserError(f"--{flag}: {e}; {_hint(args, flag)}") from e
+
+
+def check_backbone_weights(source: str | None) -> None:
+    if source and source.lower() == "imagenet" and importlib.util.find_spec("torchvision") is None:
+        raise UserError(NO_TORCHVISION)
+    if source and source.lower() not in ("imagenet", "none", "random") and not os.path.isfile(source):
+        raise UserError(f"--backbone_weights {source}: no such file; use imagenet, none, or a ResNet-50 state-dict file")
+
+
+def _backbone(module, source: str) -> None:
+    try:
+        load_backbone_weights(module, source)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"--backbone_weights {source} is not a torchvision ResNet-50 state dict "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})"
+        ) from e
+
+
+def build_models(args, stage, device: torch.device, init: bool = True):
+    """The model (trained or evaluated) and, for mode 3, the frozen global model. init=False
+    skips the model's initial weights (a resumed run loads them from its resume file).
+
+    Evaluation builds its models on the meta device (no initialisation, no memory) and
+    assigns the checkpoint's tensors (memory-mapped from zip files) instead of copying
+    them; a stage whose evaluation needs only the plain global network builds just that."""
+    torch.manual_seed(args.seed)
+    if args.evaluation and init:
+        with torch.device("meta"):
+            model = GLNet(args.n_class, local=False, context=False) if stage.plain_eval else GLNet(args.n_class)
+        load_for_flag(model, args, stage.eval_from, all_keys, assign=True)
+    else:
+        model = GLNet(args.n_class)
+    if init and not args.evaluation:
+        for flag, global_only in stage.init_from:
+            load_for_flag(model, args, flag, global_keys if global_only else all_keys)
+        for name in stage.backbones:
+            _backbone(getattr(model, name), args.backbone_weights)
+    return model.to(device), build_frozen(args, stage, device)
+
+
+def build_frozen(args, stage, device: torch.device) -> GLNet | None:
+    """The frozen global model (mode 3): only its plain global network is used (section 5).
+    Evaluation maps it from the file; a training run (hours, days) holds its own copy, safe
+    from anything that rewrites the file in place meanwhile."""
+    if stage.frozen_from is None:
+        return None
+    if args.evaluation:
+        with torch.device("meta"):
+            frozen = GLNet(args.n_class, local=False, context=False)
+    else:
+        frozen = GLNet(args.n_class, local=False, context=False)
+    load_for_flag(frozen, args, stage.frozen_from, global_keys, assign=args.evaluation)
+    frozen.requires_grad_(False)
+    return frozen.to(device).eval()
+
+
+def tune_for_device(models, device: torch.device, compile_: bool = False, compile_backend: str = "inductor") -> None:
+    """On CUDA, weights in channels_last (NHWC), the layout in which cuDNN's convolutions
+    are fastest; with --compile, torch.compile the ResNets and the global FPN in place
+    (`nn.Module.compile`, so state-dict keys and checkpoints stay as they are)."""
+    for m in models:
+        if m is None:
+            continue
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+        if compile_:
+            # Not fpn_local: its inputs carry the patch index (global crops, merge sinks),
+            # which the compiler would specialise on, recompiling for every patch.
+            for part in (m.resnet_global, m.resnet_local, m.fpn_global):
+                if part is not None:
+                    part.compile(backend=compile_backend)
