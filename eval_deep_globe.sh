@@ -8,23 +8,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-MODE="${MODE:-3}"
-case "$MODE" in
-    1) default_task=fpn_deepglobe_global ;;
-    2) default_task=fpn_deepglobe_global2local ;;
-    3) default_task=fpn_deepglobe_local2global ;;
-    *) echo "eval_deep_globe.sh: MODE must be 1, 2 or 3, got '$MODE'" >&2; exit 2 ;;
-esac
-
 read -r -a python <<< "${PYTHON:-python}"
 args=(
-    --mode "$MODE"
+    --mode "${MODE:-3}"
     --evaluation
     --n_class "${N_CLASS:-7}"
     --data_path "${DATA_PATH:-./data/deep_globe/}"
     --model_path "${MODEL_PATH:-./saved_models/}"
     --log_path "${LOG_PATH:-./runs/}"
-    --task_name "${TASK_NAME:-$default_task}"
     --batch_size "${BATCH_SIZE:-6}"
     --sub_batch_size "${SUB_BATCH_SIZE:-6}"
     --size_g "${SIZE_G:-508}"
@@ -33,6 +24,8 @@ args=(
     --path_g2l "${PATH_G2L:-fpn_deepglobe_global2local.pth}"
     --path_l2g "${PATH_L2G:-fpn_deepglobe_local2global.pth}"
 )
+# Left out unless set: the per-mode default task name (helper.STAGES).
+if [[ -n "${TASK_NAME:-}" ]]; then args+=(--task_name "$TASK_NAME"); fi
 if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
 

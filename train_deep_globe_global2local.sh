@@ -14,7 +14,6 @@ args=(
     --data_path "${DATA_PATH:-./data/deep_globe/}"
     --model_path "${MODEL_PATH:-./saved_models/}"
     --log_path "${LOG_PATH:-./runs/}"
-    --task_name "${TASK_NAME:-fpn_deepglobe_global2local}"
     --batch_size "${BATCH_SIZE:-6}"
     --sub_batch_size "${SUB_BATCH_SIZE:-6}"
     --size_g "${SIZE_G:-508}"
@@ -22,7 +21,8 @@ args=(
     --path_g "${PATH_G:-fpn_deepglobe_global.pth}"
     --lamb_fmreg "${LAMB_FMREG:-0.15}"
 )
-# Left out unless set: train_deep_globe.py then uses its per-mode defaults.
+# Left out unless set: train_deep_globe.py then uses its per-mode defaults (helper.STAGES).
+if [[ -n "${TASK_NAME:-}" ]]; then args+=(--task_name "$TASK_NAME"); fi
 if [[ -n "${NUM_EPOCHS:-}" ]]; then args+=(--num_epochs "$NUM_EPOCHS"); fi
 if [[ -n "${LR:-}" ]]; then args+=(--lr "$LR"); fi
 if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
