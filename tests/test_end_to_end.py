@@ -16,9 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import load_state, run_cli
+from conftest import load_state
 from dataset.classes import CLASS_COLORS
-from dataset.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 N_KEYS = 718  # entries of the authors' state dict (GLNET_SPEC.md section 1, reference key list)
@@ -38,11 +37,12 @@ def _part(key):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The whole pipeline, once; each test below checks one aspect of what it left behind."""
+def run(tmp_path_factory, synthetic_data, cli):
+    """The whole pipeline, once; each test below checks one aspect of what it left behind
+    (the fixture itself checks that every run exits 0)."""
     root = tmp_path_factory.mktemp("e2e")
-    data, models, logs, preds = root / "data", root / "models", root / "runs", root / "preds"
-    summary = generate(data, n_train=2, n_val=2, n_test=1, sizes=SIZES, seed=5)
+    models, logs, preds = root / "models", root / "runs", root / "preds"
+    data, summary = synthetic_data(n_train=2, n_val=2, n_test=1, sizes=SIZES, seed=5)
     common = [
         "--data_path", data, "--model_path", models, "--log_path", logs, "--n_class", 7,
         "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu",
@@ -58,17 +58,13 @@ def run(tmp_path_factory):
     }
     results, states = {}, {}
     for name, extra in steps.items():
-        results[name] = run_cli(*common, *extra)
+        results[name] = cli(*common, *extra)
         assert results[name][0] == 0, f"{name} failed:\n{results[name][2]}\n{results[name][1][-3000:]}"
         if name.startswith("mode"):  # snapshot: later runs do not overwrite, but be sure
             task = extra[3]
             states[name] = load_state(models / f"{task}.pth")
     return {"root": root, "data": data, "models": models, "logs": logs, "preds": preds,
             "summary": summary, "results": results, "states": states}
-
-
-def test_all_runs_exit_0(run):
-    assert {k: v[0] for k, v in run["results"].items()} == dict.fromkeys(run["results"], 0)
 
 
 def _reference_keys():

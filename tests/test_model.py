@@ -13,10 +13,9 @@ from utils.geometry import PatchGrid, coverage_template
 KEYS_TSV = os.path.join(os.path.dirname(__file__), "data", "glnet_state_dict_keys.tsv")
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GLNet(7).eval()
+@pytest.fixture
+def model(glnet):
+    return glnet.eval()
 
 
 def read_reference():

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import train_deep_globe
-from cli_helpers import load_state, run_cli
+from conftest import load_state, run_cli
 from dataset.synthetic import generate
 from utils.checkpoint import atomic_save, remove_stale_temps, save_state_dict
 
@@ -155,10 +155,8 @@ def _drop_checkpoints(request):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust_data")
-    generate(root, n_train=2, n_val=1, n_test=1, size=160, seed=0)
-    return root
+def data(synthetic_data):
+    return synthetic_data(n_train=2, n_val=1, n_test=1, size=160, seed=0)[0]
 
 
 @pytest.fixture(scope="module")
