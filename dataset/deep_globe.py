@@ -8,6 +8,13 @@ sliced from it on the model's device), the global image (PIL bilinear resize of
 the uint8 image to size_g, as the original) and, with labels, the label and its
 size_g/4 version (PIL NEAREST). Images smaller than the patch size are padded at
 the bottom/right (image 0, label 255 = ignore) and `size` keeps the true size.
+`image_views` / `label_views` build these from one PIL image, for use outside the
+folder layout too (e.g. predicting on an arbitrary image).
+
+The checks of a label file (readable, a class-index mask, the image's size, values
+in range) are written once here: `check_label_header` looks at the header only
+(`DeepGlobe.check_files` runs it on a whole split before training), `read_label`
+and `__getitem__` apply the same checks with the same messages while loading.
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dataset.classes import IGNORE_LABEL, class_table
 from utils.errors import UserError
 
-IGNORE_INDEX = 255
 SAT_SUFFIX = "_sat.jpg"
 MASK_SUFFIX = "_mask.png"
 PREPARE_HINT = "convert the download with: python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT"
@@ -66,31 +73,66 @@ def find_ids(folder: str, with_labels: bool) -> list[str]:
     return ids
 
 
+def _unreadable(path: str, e: Exception) -> UserError:
+    return UserError(f"cannot read {path}: corrupt or truncated image ({e}); re-download or remove it")
+
+
 def _open(path: str, mode: str | None = None) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert(mode) if mode is not None else im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"cannot read {path}: corrupt or truncated image ({e}); re-download or remove it") from e
+        raise _unreadable(path, e) from e
 
 
-def read_label(path: str, n_class: int) -> Image.Image:
+def read_header(path: str) -> tuple[tuple[int, int], int]:
+    """((width, height), number of bands) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size, len(im.getbands())
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _check_label_bands(path: str, bands: int) -> None:
+    if bands >= 3:
+        raise UserError(f"{path} is a {bands}-channel colour mask, not a class-index mask; {PREPARE_HINT}")
+
+
+def _check_label_size(path: str, image_size: tuple[int, int], label_size: tuple[int, int]) -> None:
+    """Sizes are PIL's (width, height)."""
+    if label_size != image_size:
+        raise UserError(
+            f"size mismatch: image {image_size[0]}x{image_size[1]} but label "
+            f"{label_size[0]}x{label_size[1]} in {path}"
+        )
+
+
+def check_label_header(path: str, image_size: tuple[int, int]) -> None:
+    """Header-only checks of a label file for an image of PIL size `image_size` (width,
+    height): readable, a class-index mask (not a colour one), the image's size. The label
+    values need a full decode: `read_label` checks those."""
+    label_size, bands = read_header(path)
+    _check_label_bands(path, bands)
+    _check_label_size(path, image_size, label_size)
+
+
+def read_label(path: str, n_class: int, ignore_index: int = IGNORE_LABEL) -> Image.Image:
     """A class-index mask as a mode 'L' image; RGB masks and bad values are user errors."""
     im = _open(path)
-    if len(im.getbands()) >= 3:
-        raise UserError(f"{path} is a {len(im.getbands())}-channel colour mask, not a class-index mask; {PREPARE_HINT}")
+    _check_label_bands(path, len(im.getbands()))
     arr = np.asarray(im)  # 'L', or 'P' whose indices are the classes
     if arr.dtype != np.uint8:
         if arr.min() < 0 or arr.max() > 255:
             raise UserError(f"{path} has label values outside 0..255; expected 8-bit class indices")
         arr = arr.astype(np.uint8)
     im = Image.fromarray(arr)
-    bad = (arr >= n_class) & (arr != IGNORE_INDEX)
+    bad = (arr >= n_class) & (arr != ignore_index)
     if bad.any():
         raise UserError(
             f"{path} has label value {int(arr[bad].max())} but --n_class is {n_class} "
-            f"(allowed: 0..{n_class - 1} and {IGNORE_INDEX} = ignore)"
+            f"(allowed: 0..{n_class - 1} and {ignore_index} = ignore)"
         )
     return im
 
@@ -107,12 +149,48 @@ def augment(image: Image.Image, label: Image.Image | None, rng: random.Random):
     return image, label
 
 
-def _pad(im: Image.Image, height: int, width: int, fill) -> Image.Image:
-    if im.size == (width, height):
+def _pad(im: Image.Image, size_p: int, fill) -> Image.Image:
+    """Pad at the bottom/right to at least size_p per side."""
+    width, height = im.size
+    pw, ph = max(width, size_p), max(height, size_p)
+    if (pw, ph) == (width, height):
         return im
-    out = Image.new(im.mode, (width, height), fill)
+    out = Image.new(im.mode, (pw, ph), fill)
     out.paste(im, (0, 0))
     return out
+
+
+def _to_float(im: Image.Image) -> torch.Tensor:
+    """ToTensor: (3, h, w) float32 in [0, 1], no normalisation (section 1)."""
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div(255)
+
+
+def image_views(image: Image.Image, size_g: int, size_p: int) -> dict[str, Any]:
+    """The model's inputs from one image (section 6): {"size": (H, W) before padding,
+    "image": uint8 (3, H', W') padded with 0 to at least size_p per side, "image_global":
+    float32 (3, size_g, size_g), PIL bilinear resize of the padded image, / 255}.
+    A non-RGB image is converted to RGB first."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    image = _pad(image, size_p, (0, 0, 0))
+    return {
+        "size": (height, width),
+        "image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
+        "image_global": _to_float(image.resize((size_g, size_g), Image.BILINEAR)),
+    }
+
+
+def label_views(label: Image.Image, size_g: int, size_p: int, ignore_index: int = IGNORE_LABEL) -> dict[str, Any]:
+    """The targets from one class-index mask (mode 'L'), padded as `image_views` pads its
+    image: {"label": uint8 (H', W') padded with ignore_index, "label_global": int64
+    (size_g/4, size_g/4), PIL NEAREST resize of the padded label}."""
+    label = _pad(label, size_p, ignore_index)
+    g = size_g // 4
+    return {
+        "label": torch.from_numpy(np.asarray(label).copy()),
+        "label_global": torch.from_numpy(np.asarray(label.resize((g, g), Image.NEAREST)).astype(np.int64)),
+    }
 
 
 class DeepGlobe(Dataset):
@@ -134,6 +212,7 @@ class DeepGlobe(Dataset):
             raise UserError(f"data split not found: {self.root}")
         self.ids = find_ids(self.root, labels)
         self.size_g, self.size_p, self.n_class = size_g, size_p, n_class
+        self.classes = class_table(n_class)
         self.labels, self.train, self.seed = labels, train, seed
         self.epoch = 0
 
@@ -144,42 +223,36 @@ class DeepGlobe(Dataset):
         """Augmentation draws depend on (seed, epoch, index) only: reproducible with workers."""
         self.epoch = epoch
 
+    def image_path(self, id_: str) -> str:
+        return os.path.join(self.root, "Sat", id_ + SAT_SUFFIX)
+
+    def label_path(self, id_: str) -> str:
+        return os.path.join(self.root, "Label", id_ + MASK_SUFFIX)
+
+    def check_files(self) -> None:
+        """Header-only look at every image and label of the split, so that a foreign file, a
+        colour mask or a size mismatch stops a run at once rather than when the loader reaches
+        it (for the validation split: after a whole training epoch). Truncated data and bad
+        label values need a full decode; `__getitem__` reports those."""
+        for id_ in self.ids:
+            size, _ = read_header(self.image_path(id_))
+            if self.labels:
+                check_label_header(self.label_path(id_), size)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         id_ = self.ids[index]
-        image = _open(os.path.join(self.root, "Sat", id_ + SAT_SUFFIX), "RGB")
+        image = _open(self.image_path(id_), "RGB")
         label = None
         if self.labels:
-            path = os.path.join(self.root, "Label", id_ + MASK_SUFFIX)
-            label = read_label(path, self.n_class)
-            if label.size != image.size:
-                raise UserError(
-                    f"size mismatch: image {image.size[0]}x{image.size[1]} but label "
-                    f"{label.size[0]}x{label.size[1]} in {path}"
-                )
+            path = self.label_path(id_)
+            label = read_label(path, self.n_class, self.classes.ignore_index)
+            _check_label_size(path, image.size, label.size)
         if self.train:
             image, label = augment(image, label, random.Random(hash((self.seed, self.epoch, index))))
-        width, height = image.size
-        ph, pw = max(height, self.size_p), max(width, self.size_p)
-        image = _pad(image, ph, pw, (0, 0, 0))
-        g = self.size_g
-        sample = {
-            "id": id_,
-            "size": (height, width),
-            "image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),  # uint8 (3, H, W)
-            "image_global": _to_float(image.resize((g, g), Image.BILINEAR)),
-        }
+        sample = {"id": id_, **image_views(image, self.size_g, self.size_p)}
         if label is not None:
-            label = _pad(label, ph, pw, IGNORE_INDEX)
-            sample["label"] = torch.from_numpy(np.asarray(label).copy())  # uint8 (H, W)
-            sample["label_global"] = torch.from_numpy(
-                np.asarray(label.resize((g // 4, g // 4), Image.NEAREST)).astype(np.int64)
-            )
+            sample.update(label_views(label, self.size_g, self.size_p, self.classes.ignore_index))
         return sample
-
-
-def _to_float(im: Image.Image) -> torch.Tensor:
-    """ToTensor: (3, h, w) float32 in [0, 1], no normalisation (section 1)."""
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div(255)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
