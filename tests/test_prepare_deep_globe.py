@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset.classes import rgb_mask_to_class
+from dataset.classes import DEEPGLOBE
 from dataset.prepare_deep_globe import DEFAULT_SPLIT_DIR, count_ambiguous, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,11 +105,11 @@ EXPECTED_FILES = [
 ]
 
 
-def test_rgb_mask_to_class_thresholds_each_channel():
+def test_decode_rgb_thresholds_each_channel():
     mask = np.array([[(0, 0, 0), (127, 127, 127), (128, 128, 128), (255, 0, 0)],
                      [(0, 128, 255), (255, 255, 127), (200, 10, 130), (90, 200, 20)],
                      [(1, 2, 254), (127, 0, 0), (128, 0, 0), (250, 3, 3)]], dtype=np.uint8)
-    classes, off_palette = rgb_mask_to_class(mask)
+    classes, off_palette = DEEPGLOBE.decode_rgb(mask)
     expected = np.array([[0, 0, 6, 0],
                          [1, 2, 3, 4],
                          [5, 0, 0, 0]], dtype=np.uint8)
