@@ -216,6 +216,20 @@ class DeepGlobe(Dataset):
         self.labels, self.train, self.seed = labels, train, seed
         self.epoch = 0
 
+    @classmethod
+    def open(cls, data_path: str, split: str, size_g: int, size_p: int, n_class: int = 7, **kwargs) -> "DeepGlobe":
+        """The dataset of a run's --data_path: a missing folder is one error naming the flag,
+        the expected layout and the preparation command. `kwargs` as for the constructor."""
+        if not os.path.isdir(data_path):
+            raise UserError(f"--data_path {data_path} does not exist (expected train/, crossvali/ inside); {PREPARE_HINT}")
+        if not os.path.isdir(split_dir(data_path, split)):
+            labels = "" if not kwargs.get("labels", True) else f" and {split}/Label/<id>_mask.png"
+            raise UserError(
+                f"--data_path {data_path} has no {split}/ folder (expected {split}/Sat/<id>_sat.jpg{labels}); "
+                + PREPARE_HINT
+            )
+        return cls(data_path, split, size_g, size_p, n_class, **kwargs)
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -614,6 +614,22 @@ def test_check_files_finds_header_problems_with_the_loaders_messages(tmp_path):
     assert _first_error(ds.check_files).startswith(f"cannot read {sat}: corrupt or truncated image (")
 
 
+def test_open_names_the_missing_folder_and_the_preparation_command(tmp_path):
+    from dataset.deep_globe import PREPARE_HINT
+
+    nowhere = tmp_path / "nowhere"
+    assert _first_error(lambda: DeepGlobe.open(str(nowhere), "train", 16, 16)) == (
+        f"--data_path {nowhere} does not exist (expected train/, crossvali/ inside); {PREPARE_HINT}")
+    assert _first_error(lambda: DeepGlobe.open(str(tmp_path), "crossvali", 16, 16)) == (
+        f"--data_path {tmp_path} has no crossvali/ folder (expected crossvali/Sat/<id>_sat.jpg and "
+        f"crossvali/Label/<id>_mask.png); {PREPARE_HINT}")
+    assert _first_error(lambda: DeepGlobe.open(str(tmp_path), "test", 16, 16, labels=False)) == (
+        f"--data_path {tmp_path} has no test/ folder (expected test/Sat/<id>_sat.jpg); {PREPARE_HINT}")
+    _write_sample(tmp_path, "train", "1")
+    ds = DeepGlobe.open(str(tmp_path), "train", 16, 16, N_CLASS, train=True, seed=4)
+    assert ds.ids == ["1"] and ds.train and ds.seed == 4 and ds.classes.n_class == N_CLASS
+
+
 def test_check_files_reads_headers_only(tmp_path):
     mask = np.full((32, 40), 1, np.uint8)
     mask[3, 3] = 9  # a bad value needs the pixels: left to the loader

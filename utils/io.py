@@ -6,8 +6,9 @@ exception at any moment leaves either the old file or the new one, never half of
 a process killed mid-write leaves its temp file, which `remove_stale_temps` (one target)
 or `remove_stale_temps_in` (a folder) deletes on the next run.
 
-Temp names are `<target>.<pid>.<8 hex digits>.tmp`: two writers of the same target,
-in one process or several, never share one.
+Temp names are `<target>.<pid>.<8 random hex digits>.tmp`: two writers of the same
+target, in one process or several, get different ones (and the exclusive create
+refuses a name already in use rather than write into it).
 """
 from __future__ import annotations
 
