@@ -268,12 +268,6 @@ def test_dihedral_views_are_the_8_distinct_ones_and_undo_inverts_them():
 # ----------------------------------------------------------------------------- stages
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return GLNet(N_CLASS)
-
-
 @pytest.mark.parametrize(
     "mode, trained",
     [
@@ -282,8 +276,8 @@ def tiny_model():
         (3, {"resnet_global", "fpn_global", "ensemble_conv"}),
     ],
 )
-def test_configure_stage_and_train_mode(tiny_model, mode, trained):
-    model = tiny_model
+def test_configure_stage_and_train_mode(glnet, mode, trained):
+    model = glnet
     parts = ["resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv"]
     # Start from the opposite state, so that the call has to set every flag both ways.
     other = 2 if mode != 2 else 1
@@ -308,10 +302,8 @@ SIZES = [(64, 72), (40, 64)]  # (H, W); the second is shorter than size_p = 64
 
 
 @pytest.fixture(scope="module")
-def mixed_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    generate(root, n_train=2, n_val=0, n_test=0, sizes=SIZES, seed=3)
-    return str(root)
+def mixed_data(synthetic_data):
+    return str(synthetic_data(n_train=2, n_val=0, n_test=0, sizes=SIZES, seed=3)[0])
 
 
 def test_mixed_sizes_batch_and_padding(mixed_data):
@@ -351,8 +343,8 @@ def test_patch_grids_of_the_mixed_batch_are_small():
     assert len(PatchGrid.for_size(64, 64, 64)) == 1
 
 
-def test_train_one_epoch_mode2_on_mixed_batch(mixed_data, tiny_model):
-    model = tiny_model
+def test_train_one_epoch_mode2_on_mixed_batch(mixed_data, glnet):
+    model = glnet
     ds = DeepGlobe(mixed_data, "train", size_g=64, size_p=64, n_class=N_CLASS, train=True, seed=1)
     loader = DataLoader(ds, batch_size=2, shuffle=False, collate_fn=collate)
     stage = helper.STAGES[2]
