@@ -6,7 +6,6 @@ helper.STAGES; the run's files and life from utils.run.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 

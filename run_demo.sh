@@ -98,7 +98,7 @@ import json, os, sys
 import numpy as np
 from PIL import Image
 
-from dataset.classes import CLASS_NAMES, colorize
+from dataset.classes import DEEPGLOBE
 
 data, logs, preds = sys.argv[1:4]
 stages = [
@@ -118,7 +118,7 @@ for name, r in results.items():
 final = results[stages[-1][0]]
 print("\nGLNet per-class IoU (roads are urban, rivers water: thin structures the 4x smaller global view misses)")
 print(f"{'class':<24}" + "".join(f"{o:>12}" for o in outputs))
-for c, cname in enumerate(CLASS_NAMES):
+for c, cname in enumerate(DEEPGLOBE.names):
     cells = "".join(f"{'n/a' if final[o]['iou'][c] is None else format(final[o]['iou'][c], '.4f'):>12}" for o in outputs)
     print(f"{f'{c} {cname}':<24}{cells}")
 
@@ -127,7 +127,7 @@ val = os.path.join(data, "crossvali")
 first = sorted(os.listdir(os.path.join(val, "Sat")))[0][: -len("_sat.jpg")]
 tiles = [
     np.asarray(Image.open(os.path.join(val, "Sat", f"{first}_sat.jpg")).convert("RGB")),
-    colorize(np.asarray(Image.open(os.path.join(val, "Label", f"{first}_mask.png")))),
+    DEEPGLOBE.colorize(np.asarray(Image.open(os.path.join(val, "Label", f"{first}_mask.png")))),
 ]
 for sub in ("global", "glnet"):
     tiles.append(np.asarray(Image.open(os.path.join(preds, sub, f"{first}_mask.png")).convert("RGB")))

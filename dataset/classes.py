@@ -176,10 +176,3 @@ def class_table(n_class: int) -> ClassTable:
     return ClassTable(name=f"{n_class} classes", names=tuple(f"class {i}" for i in range(n_class)),
                       colors=tuple(_generic_colors(n_class)))
 
-
-# Old names, kept until every caller uses DEEPGLOBE / class_table().
-CLASS_NAMES = DEEPGLOBE.names
-CLASS_COLORS = DEEPGLOBE.palette
-IGNORE_INDEX = DEEPGLOBE.ignore_index
-colorize = DEEPGLOBE.colorize
-rgb_mask_to_class = DEEPGLOBE.decode_rgb

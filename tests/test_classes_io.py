@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import classes as dc
 from dataset.classes import DEEPGLOBE, ClassTable, class_table
 from utils import io as uio
 from utils.io import (atomic_copy, atomic_write, is_temp_name, remove_stale_temps, remove_stale_temps_in,
@@ -202,13 +201,6 @@ def test_atomic_copy_links_or_copies(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
-def test_checkpoint_keeps_its_old_names():
-    import utils.checkpoint as ck
-
-    assert ck.atomic_copy is atomic_copy and ck.remove_stale_temps is remove_stale_temps
-    assert callable(ck.atomic_save)
-
-
 # ----------------------------------------------------------------------------- class tables
 
 # GLNET_SPEC.md section 7
@@ -312,12 +304,3 @@ def test_table_pickles_for_loader_workers():
     t = pickle.loads(pickle.dumps(class_table(9)))
     assert t == class_table(9) and not t.palette.flags.writeable
     np.testing.assert_array_equal(t.colorize(np.arange(9)[None]), class_table(9).colorize(np.arange(9)[None]))
-
-
-def test_old_names_are_deepglobe():
-    assert dc.CLASS_NAMES == DEEPGLOBE.names and dc.CLASS_COLORS is DEEPGLOBE.palette
-    assert dc.IGNORE_INDEX == 255
-    mask = np.array([[1, 255]], np.uint8)
-    np.testing.assert_array_equal(dc.colorize(mask), DEEPGLOBE.colorize(mask))
-    rgb = DEEPGLOBE.colorize(np.arange(7, dtype=np.uint8)[None])
-    np.testing.assert_array_equal(dc.rgb_mask_to_class(rgb)[0], DEEPGLOBE.decode_rgb(rgb)[0])

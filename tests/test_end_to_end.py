@@ -5,7 +5,6 @@ random-init backbones, 64 px global images and 128 px patches.
 """
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import load_state
-from dataset.classes import CLASS_COLORS
+from dataset.classes import DEEPGLOBE
 
 REPO = Path(__file__).resolve().parents[1]
 N_KEYS = 718  # entries of the authors' state dict (GLNET_SPEC.md section 1, reference key list)
@@ -165,7 +164,7 @@ def test_evaluation_reproduces_the_validation_score_of_training(run):
 def test_predictions_for_every_test_image(run):
     test_ids = run["summary"]["splits"]["test"]
     assert test_ids
-    palette = {tuple(int(v) for v in c) for c in CLASS_COLORS}
+    palette = {tuple(int(v) for v in c) for c in DEEPGLOBE.palette}
     written = sorted(p.name for p in run["preds"].iterdir())
     assert written == sorted(f"{i}_mask.png" for i in test_ids)
     for img_id in test_ids:

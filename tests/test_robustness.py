@@ -28,10 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
-import train_deep_globe
 from conftest import load_state, run_cli
 from dataset.synthetic import generate
-from utils.checkpoint import atomic_save, remove_stale_temps, save_state_dict
+from utils.checkpoint import atomic_save, save_state_dict
+from utils.io import remove_stale_temps
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--size_g", "64", "--size_p", "128", "--backbone_weights", "none", "--no_progress", "--device", "cpu"]

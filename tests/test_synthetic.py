@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset.classes import CLASS_COLORS, CLASS_NAMES
+from dataset.classes import DEEPGLOBE
 from dataset.synthetic import (BARREN, FOREST, AGRICULTURE, RANGELAND, URBAN, WATER, MANIFEST,
                                class_shares, generate, main, render_sample)
 
@@ -58,7 +58,7 @@ def test_glnet_layout_formats_and_mixed_sizes(tmp_path):
 def test_raw_layout_has_exact_palette_colours(tmp_path):
     s = generate(tmp_path / "raw", rgb_masks=True, seed=2, **SMALL)
     raw = tmp_path / "raw"
-    palette = {tuple(c) for c in CLASS_COLORS.tolist()}
+    palette = {tuple(c) for c in DEEPGLOBE.palette.tolist()}
     masks = sorted((raw / "train").glob("*_mask.png"))
     assert len(masks) == 4 and len(list((raw / "train").glob("*_sat.jpg"))) == 4
     for p in masks:
@@ -131,7 +131,7 @@ def test_rangeland_and_barren_told_apart_only_by_context():
 def test_every_class_present_and_unknown_rare(tmp_path):
     s = generate(tmp_path, n_train=4, n_val=2, n_test=1, size=128, seed=0)
     shares = s["class_shares"]
-    assert list(shares) == list(CLASS_NAMES)
+    assert list(shares) == list(DEEPGLOBE.names)
     assert all(v > 0 for v in shares.values())
     assert shares["unknown"] < 0.05
     assert abs(sum(shares.values()) - 1) < 1e-4

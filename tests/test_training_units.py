@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 import helper
 from dataset.deep_globe import DeepGlobe, collate
 from dataset.synthetic import generate
-from models import GLNet
 from utils.errors import UserError
 from utils.geometry import PatchGrid
 from utils.loss import focal_loss

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-# atomic_copy and remove_stale_temps live in utils.io; re-exported (train_deep_globe.py imports them from here)
-from utils.io import atomic_copy, atomic_write, remove_stale_temps  # noqa: F401
+from utils.io import atomic_write
 
 PREFIX = "module."
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from utils import checkpoint
-from utils.checkpoint import atomic_copy, atomic_save
+from utils.checkpoint import atomic_save
 from utils.errors import UserError
-from utils.io import remove_stale_temps
+from utils.io import atomic_copy, remove_stale_temps
 
 # --resume takes these from the interrupted run unless given again; the first five shape the
 # model, the data or the batches, so a different value cannot continue that run.
