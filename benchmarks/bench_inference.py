@@ -165,56 +165,74 @@ def prepare_data(args: argparse.Namespace, out: str) -> float:
 
 # ----------------------------------------------------------------------------- in-process timing
 
-def run_in_process(args, device, data_dir: str) -> dict:
+class TimedImages:
+    """The evaluation's loader, timing each image: `batches()` yields the images one by one
+    (each a collated batch of one). helper.evaluate evaluates one image between two resumptions
+    of that generator, so an image's time runs from the start of its loading to the start of
+    the next one's (for the last image: to the end of the loop), the device synchronised at
+    both ends. The first `warmup` images (the data set's, in turn) are run but not timed."""
+
+    def __init__(self, ds, device, warmup: int, n_images: int) -> None:
+        self.ds, self.device, self.warmup, self.n_images = ds, device, warmup, n_images
+        self.load_s: list[float] = []  # decode + dataset item + collate, per timed image
+        self.image_s: list[float] = []  # whole image, load included
+        self.marks: list[tuple[float, float]] = []  # (start, end of loading) per image
+        self.hwm_reset = False  # whether the peak RSS was reset when the timed part started
+
+    def batches(self):
+        from dataset.deep_globe import collate
+
+        for i in range(self.warmup + self.n_images):
+            B.synchronize(self.device)
+            start = time.perf_counter()
+            if i > 0:
+                self._finish(i, start)
+            if i == self.warmup:  # the timed part starts here
+                start = self._start_timed_part()
+            index = i % len(self.ds) if i < self.warmup else i - self.warmup
+            batch = collate([self.ds[index]])
+            self.marks.append((start, time.perf_counter()))
+            yield batch
+        B.synchronize(self.device)
+        self._finish(self.warmup + self.n_images, time.perf_counter())
+
+    def _finish(self, i: int, end: float) -> None:
+        """Image i - 1 ended at `end`: print its times and keep them if it was a timed one."""
+        prev_start, load_end = self.marks[i - 1]
+        elapsed = end - prev_start
+        tag = f"warm-up {i}/{self.warmup}" if i <= self.warmup else f"image {i - self.warmup}/{self.n_images}"
+        print(f"  {tag}: {elapsed:.3f} s (load {load_end - prev_start:.3f} s)", flush=True)
+        if i > self.warmup:
+            self.image_s.append(elapsed)
+            self.load_s.append(load_end - prev_start)
+
+    def _start_timed_part(self) -> float:
+        """Reset the peak-memory counters (CUDA, VmHWM); returns the timed part's start time."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.hwm_reset = B.reset_peak_rss()
+        return time.perf_counter()
+
+
+def build_models(args, device):
+    """The random-weight model and, for mode 3, the frozen global model; with --compile, compiled
+    as train_deep_globe.py --compile does."""
     import torch
 
-    import helper
-    from dataset.deep_globe import DeepGlobe, collate
-
-    t0 = time.perf_counter()
     model, frozen, _ = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
     if args.compile:
         from utils.build import tune_for_device
 
         tune_for_device((model, frozen), torch.device("cpu"), compile_=True)  # cpu: no layout change here
-    build_s = time.perf_counter() - t0
-    rss_after_build = B.current_rss_mib()
-    ds = DeepGlobe(data_dir, "crossvali", args.size_g, args.size_p, args.n_class, labels=not args.no_labels)
-    n_total = args.warmup + args.n_images
-    load_s: list[float] = []  # decode + dataset item + collate, per timed image
-    image_s: list[float] = []  # whole image, load included
-    state = {"hwm_reset": False}
-    marks: list[tuple[float, float]] = []  # (start, end of loading) per image
+    return model, frozen
 
-    def images():
-        """The images one by one; timestamps around each (the time between two resumptions
-        of this generator is one image's whole evaluation)."""
-        for i in range(n_total):
-            B.synchronize(device)
-            start = time.perf_counter()
-            if i > 0:
-                prev_start, _ = marks[i - 1]
-                elapsed = start - prev_start
-                tag = f"warm-up {i}/{args.warmup}" if i <= args.warmup else f"image {i - args.warmup}/{args.n_images}"
-                print(f"  {tag}: {elapsed:.3f} s (load {marks[i - 1][1] - prev_start:.3f} s)", flush=True)
-                if i > args.warmup:
-                    image_s.append(elapsed)
-                    load_s.append(marks[i - 1][1] - prev_start)
-            if i == args.warmup:  # the timed part starts here
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                state["hwm_reset"] = B.reset_peak_rss()
-                start = time.perf_counter()
-            index = i % len(ds) if i < args.warmup else i - args.warmup
-            batch = collate([ds[index]])
-            marks.append((start, time.perf_counter()))
-            yield batch
-        B.synchronize(device)
-        end = time.perf_counter()
-        prev_start, load_end = marks[-1]
-        image_s.append(end - prev_start)
-        load_s.append(load_end - prev_start)
-        print(f"  image {args.n_images}/{args.n_images}: {end - prev_start:.3f} s (load {load_end - prev_start:.3f} s)", flush=True)
+
+def evaluate_images(args, device, model, frozen, images: TimedImages) -> None:
+    """helper.evaluate over the images, as the CLI runs it; with --save_predictions the
+    predictions go to a temporary folder, removed afterwards."""
+    import helper
 
     pred_dir = tempfile.mkdtemp(prefix="bench_preds_") if args.save_predictions else None
     print(f"mode {args.mode}: {args.warmup} warm-up + {args.n_images} timed images on {device} ({args.precision})", flush=True)
@@ -222,10 +240,15 @@ def run_in_process(args, device, data_dir: str) -> dict:
         with B.autocast(device, args.precision):
             cfg = helper.Config(helper.STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size,
                                 tta=args.tta, progress=False)
-            helper.evaluate(model, images(), cfg, frozen, predictions_dir=pred_dir, with_labels=not args.no_labels)
+            helper.evaluate(model, images.batches(), cfg, frozen, predictions_dir=pred_dir, with_labels=not args.no_labels)
     finally:
         if pred_dir:
             shutil.rmtree(pred_dir, ignore_errors=True)
+
+
+def in_process_results(images: TimedImages, build_s: float, rss_after_build, device) -> dict:
+    """The figures of the timed images; memory is read now, after them."""
+    image_s, load_s = images.image_s, images.load_s
     total = sum(image_s)
     st = B.stats(image_s)
     compute = [a - b for a, b in zip(image_s, load_s)]
@@ -240,24 +263,39 @@ def run_in_process(args, device, data_dir: str) -> dict:
         "per_image_seconds": [round(x, 4) for x in image_s],
         "model_build_seconds": round(build_s, 3),
         "peak_rss_mib": B.peak_rss_mib(),
-        "timed_peak_rss_mib": B.hwm_mib() if state["hwm_reset"] else None,
+        "timed_peak_rss_mib": B.hwm_mib() if images.hwm_reset else None,
         "rss_after_build_mib": rss_after_build,
         "rss_end_mib": B.current_rss_mib(),
         **B.cuda_memory(device),
     }
 
 
+def run_in_process(args, device, data_dir: str) -> dict:
+    """Build the models (timed apart), then evaluate the warm-up and the timed images."""
+    import torch  # noqa: F401  (the imports stay out of the model build's time)
+
+    import helper  # noqa: F401
+    from dataset.deep_globe import DeepGlobe
+
+    t0 = time.perf_counter()
+    model, frozen = build_models(args, device)
+    build_s = time.perf_counter() - t0
+    rss_after_build = B.current_rss_mib()
+    ds = DeepGlobe(data_dir, "crossvali", args.size_g, args.size_p, args.n_class, labels=not args.no_labels)
+    images = TimedImages(ds, device, args.warmup, args.n_images)
+    evaluate_images(args, device, model, frozen, images)
+    return in_process_results(images, build_s, rss_after_build, device)
+
+
 # ----------------------------------------------------------------------------- whole CLI timing
 
-def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
-    """Save random checkpoints, then time `train_deep_globe.py --evaluation` in a subprocess."""
-    from utils.checkpoint import save_state_dict
-
-    model_path, log_path = os.path.join(work, "models"), os.path.join(work, "runs")
-    os.makedirs(model_path, exist_ok=True)
+def save_checkpoints(args, model_path: str) -> list[str]:
+    """Save the random models as the evaluation's checkpoints; returns their command-line
+    arguments."""
     import torch
 
     from helper import STAGES
+    from utils.checkpoint import save_state_dict
 
     stage = STAGES[args.mode]
     model, frozen, frozen_state = B.build_glnet(args.n_class, args.mode, torch.device("cpu"), keep_frozen_state=True)
@@ -266,10 +304,15 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
     if stage.frozen_from:
         torch.save({"module." + k: v for k, v in frozen_state.items()}, os.path.join(model_path, f"{stage.frozen_from}.pth"))
         ckpt += [f"--{stage.frozen_from}", f"{stage.frozen_from}.pth"]
-    del model, frozen, frozen_state
+    return ckpt
+
+
+def eval_command(args, device, data_dir: str, work: str, ckpt: list[str]) -> list[str]:
+    """The `train_deep_globe.py --evaluation` command line (models in work/models)."""
     cmd = [
         sys.executable, os.path.join(REPO, "train_deep_globe.py"), "--evaluation", "--mode", str(args.mode),
-        "--data_path", data_dir, "--model_path", model_path, "--log_path", log_path, "--task_name", "bench",
+        "--data_path", data_dir, "--model_path", os.path.join(work, "models"),
+        "--log_path", os.path.join(work, "runs"), "--task_name", "bench",
         "--n_class", str(args.n_class), "--size_g", str(args.size_g), "--size_p", str(args.size_p),
         "--sub_batch_size", str(args.sub_batch_size), "--batch_size", str(args.batch_size),
         "--num_workers", str(args.num_workers), "--device", str(device), "--no_progress", *ckpt,
@@ -278,22 +321,43 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
         cmd.append("--tta")
     if args.save_predictions:
         cmd += ["--predictions_dir", os.path.join(work, "predictions")]
+    return cmd
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """This process's environment, with --threads as the child's OpenMP / MKL thread count."""
     env = dict(os.environ)
-    if args.threads is not None:
+    if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(args.threads)
-    print("timing: " + " ".join(cmd), flush=True)
-    tree_peak = [0.0]
-    stop = threading.Event()
+            env[var] = str(threads)
+    return env
+
+
+class TreeMemorySampler(threading.Thread):
+    """Background thread: the peak of B.process_tree_memory_mib(pid), sampled every second
+    (reading smaps_rollup often slows the measured process) until stop()."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, B.process_tree_memory_mib(self.pid))
+            self._stop_event.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def time_child(cmd: list[str], env: dict[str, str]):
+    """Run cmd, passing its output through; returns (wall seconds, its output lines, its
+    resource usage, the peak memory of its process tree). Exits if it fails."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def sample():
-        while not stop.is_set():
-            tree_peak[0] = max(tree_peak[0], B.process_tree_memory_mib(proc.pid))
-            stop.wait(1.0)  # reading smaps_rollup often slows the measured process
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = TreeMemorySampler(proc.pid)
     sampler.start()
     lines = []
     for line in proc.stdout:
@@ -301,16 +365,32 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
         print("  | " + line.rstrip(), flush=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"error: the evaluation exited with {proc.returncode}")
+    return wall, lines, usage, sampler.peak
+
+
+def evaluate_seconds(lines: list[str]) -> float | None:
+    """helper.evaluate's own time, from the CLI's last 'crossvali: N images in S s' line."""
     eval_s = None
     for line in lines:
         m = re.match(r"crossvali: (\d+) images in ([\d.]+) s", line)
         if m:
             eval_s = float(m.group(2))
+    return eval_s
+
+
+def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
+    """Save random checkpoints, then time `train_deep_globe.py --evaluation` in a subprocess."""
+    os.makedirs(os.path.join(work, "models"), exist_ok=True)
+    ckpt = save_checkpoints(args, os.path.join(work, "models"))
+    cmd = eval_command(args, device, data_dir, work, ckpt)
+    env = child_env(args.threads)
+    print("timing: " + " ".join(cmd), flush=True)
+    wall, lines, usage, tree_peak = time_child(cmd, env)
+    eval_s = evaluate_seconds(lines)
     return {
         "wall_seconds": wall,
         "seconds_per_image": wall / args.n_images,
@@ -319,7 +399,7 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
         "evaluate_seconds_per_image": None if eval_s is None else eval_s / args.n_images,
         "startup_seconds": None if eval_s is None else wall - eval_s,  # imports, model build, checkpoints, metrics
         "child_peak_rss_mib": B._kib_to_mib(usage.ru_maxrss),
-        "tree_peak_pss_mib": tree_peak[0] or None,
+        "tree_peak_pss_mib": tree_peak or None,
     }
 
 

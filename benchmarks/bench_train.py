@@ -105,13 +105,12 @@ def make_batch(batch_size: int, size: tuple[int, int], size_g: int, n_class: int
     }
 
 
-def run_stage(args, mode: int, device) -> dict:
-    """Warm-up, then the timed iterations of one stage; returns the figures."""
-    import torch
-
+def setup_stage(args, mode: int, device) -> tuple:
+    """The stage's models, trainable parameters, optimizer, TrainStep and synthetic batch, made
+    with the project's training code (helper): (step, params, optimizer, batch). The step holds
+    the models."""
     import helper
 
-    t0 = time.perf_counter()
     model, frozen, _ = B.build_glnet(args.n_class, mode, device, args.channels_last, training=True)
     stage = helper.STAGES[mode]
     params = helper.configure_stage(model, stage)
@@ -120,36 +119,41 @@ def run_stage(args, mode: int, device) -> dict:
                         num_epochs=1, lr=stage.lr, progress=False)
     step = helper.TrainStep(model, cfg, frozen)
     batch = make_batch(args.batch_size, args.image_size, args.size_g, args.n_class, args.seed)
-    build_s = time.perf_counter() - t0
-    rss_after_build = B.current_rss_mib()
-    times: list[float] = []
-    last = [0.0]
+    return step, params, optimizer, batch
 
-    def on_iteration(i, lr, loss):
-        B.synchronize(device)
+
+class IterationTimer:
+    """Times each optimizer step of helper.train_one_epoch through its on_iteration callback:
+    the time from the previous step's end (or the epoch's start) to this one's, the device
+    synchronised at both ends."""
+
+    def __init__(self, mode: int, device, step, optimizer, batch, precision: str) -> None:
+        self.mode, self.device, self.precision = mode, device, precision
+        self.step, self.optimizer, self.batch = step, optimizer, batch
+        self.phase = "warm-up"  # printed with each iteration
+        self.times: list[float] = []
+        self.last = 0.0
+
+    def on_iteration(self, i, lr, loss) -> None:
+        B.synchronize(self.device)
         t = time.perf_counter()
-        times.append(t - last[0])
-        print(f"  mode {mode} {phase[0]} {i + 1}: {t - last[0]:.3f} s (loss {loss:.4f})", flush=True)
-        last[0] = t
+        self.times.append(t - self.last)
+        print(f"  mode {self.mode} {self.phase} {i + 1}: {t - self.last:.3f} s (loss {loss:.4f})", flush=True)
+        self.last = t
 
-    def epoch(n: int) -> None:
-        B.synchronize(device)
-        last[0] = time.perf_counter()
-        with B.autocast(device, args.precision):
-            helper.train_one_epoch(step, [batch] * n, optimizer, 0, on_iteration=on_iteration)
+    def epoch(self, n: int) -> None:
+        """n iterations on the same batch, in one train_one_epoch call."""
+        import helper
 
-    h, w = args.image_size
-    print(f"mode {mode}: batch {args.batch_size} of {h}x{w}, size_g {args.size_g}, size_p {args.size_p}, "
-          f"sub-batch {args.sub_batch_size}, on {device} ({args.precision}, {torch.get_num_threads()} threads)", flush=True)
-    phase = ["warm-up"]
-    if args.warmup:
-        epoch(args.warmup)
-    times.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    hwm_reset = B.reset_peak_rss()
-    phase[0] = "iteration"
-    epoch(args.iters)
+        B.synchronize(self.device)
+        self.last = time.perf_counter()
+        with B.autocast(self.device, self.precision):
+            helper.train_one_epoch(self.step, [self.batch] * n, self.optimizer, 0, on_iteration=self.on_iteration)
+
+
+def stage_results(args, times: list[float], params, build_s: float, rss_after_build, hwm_reset: bool,
+                  device) -> dict:
+    """The figures of one stage from its timed iterations; memory is read now, after them."""
     st = B.stats(times)
     return {
         "seconds_per_iter": st["mean"],
@@ -166,6 +170,31 @@ def run_stage(args, mode: int, device) -> dict:
         "rss_end_mib": B.current_rss_mib(),
         **B.cuda_memory(device),
     }
+
+
+def run_stage(args, mode: int, device) -> dict:
+    """Warm-up, then the timed iterations of one stage; returns the figures."""
+    import torch
+
+    import helper  # noqa: F401  (imported before the setup is timed, as the setup uses it)
+
+    t0 = time.perf_counter()
+    step, params, optimizer, batch = setup_stage(args, mode, device)
+    build_s = time.perf_counter() - t0
+    rss_after_build = B.current_rss_mib()
+    timer = IterationTimer(mode, device, step, optimizer, batch, args.precision)
+    h, w = args.image_size
+    print(f"mode {mode}: batch {args.batch_size} of {h}x{w}, size_g {args.size_g}, size_p {args.size_p}, "
+          f"sub-batch {args.sub_batch_size}, on {device} ({args.precision}, {torch.get_num_threads()} threads)", flush=True)
+    if args.warmup:
+        timer.epoch(args.warmup)
+    timer.times.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    hwm_reset = B.reset_peak_rss()
+    timer.phase = "iteration"
+    timer.epoch(args.iters)
+    return stage_results(args, timer.times, params, build_s, rss_after_build, hwm_reset, device)
 
 
 COLUMNS = [

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -152,63 +152,102 @@ def _textures(surface: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return tex
 
 
-def render_sample(rng: np.random.Generator, h: int, w: int) -> dict:
-    """One synthetic image: {'image': (h, w, 3) uint8, 'mask': (h, w) uint8 class indices,
-    'thin': (h, w) bool roads/rivers drawn as thin structures}. Pure numpy, no file I/O."""
+class _Grid(NamedTuple):
+    """Pixel coordinates of one image, normalised by its longer side s."""
+    h: int
+    w: int
+    s: float
+    ext: tuple[float, float]  # normalised extent (h / s, w / s)
+    wv: np.ndarray  # (h, w) row coordinate, warped by smooth noise
+    wu: np.ndarray  # (h, w) column coordinate, warped by smooth noise
+
+
+class _Zones(NamedTuple):
+    """The Voronoi zones of one image."""
+    kinds: np.ndarray  # (k,) GREEN / DRY / CITY per zone
+    seeds: np.ndarray  # (k, 2) zone seeds, normalised (y, x)
+    dist: np.ndarray  # (k, h, w) warped distance of every pixel to each seed
+    zone: np.ndarray  # (h, w) index of the nearest seed
+    kind: np.ndarray  # (h, w) kind of that zone
+
+
+def _grid(rng: np.random.Generator, h: int, w: int) -> _Grid:
+    """Normalised coordinates, warped by smooth noise so that zone and blob borders are wavy."""
     s = float(max(h, w))
-    ext = (h / s, w / s)  # normalised extent
     v = (np.arange(h, dtype=np.float32) / np.float32(s))[:, None]
     u = (np.arange(w, dtype=np.float32) / np.float32(s))[None, :]
-    # warped coordinates make Voronoi and blob borders wavy
     wv = v + 0.07 * _smooth_noise(rng, h, w, 3)
     wu = u + 0.07 * _smooth_noise(rng, h, w, 3)
+    return _Grid(h, w, s, (h / s, w / s), wv, wu)
 
-    # zones: one vegetation and one dry zone at least
+
+def _zones(rng: np.random.Generator, g: _Grid) -> _Zones:
+    """3-4 zones, one vegetation and one dry zone at least."""
     k = int(rng.integers(3, 5))
     kinds = np.array([GREEN, DRY] + list(rng.choice([GREEN, DRY, CITY], size=k - 2,
                                                     p=[0.45, 0.15, 0.4])))
     rng.shuffle(kinds)
-    seeds = _spread_points(rng, k, ext, 0.3)
-    dist = np.stack([np.hypot(wv - sy, wu - sx) for sy, sx in seeds])
+    seeds = _spread_points(rng, k, g.ext, 0.3)
+    dist = np.stack([np.hypot(g.wv - sy, g.wu - sx) for sy, sx in seeds])
     zone = dist.argmin(0)
-    kind = kinds[zone]
-    d_green = dist[kinds == GREEN].min(0)
-    d_other = dist[kinds != GREEN].min(0)
+    return _Zones(kinds, seeds, dist, zone, kinds[zone])
 
-    surface = np.empty((h, w), np.uint8)
-    # vegetation: agriculture / forest blobs; rangeland blobs kept a margin inside
-    green = kind == GREEN
+
+def _vegetation(rng: np.random.Generator, g: _Grid, z: _Zones) -> np.ndarray:
+    """A new surface map: agriculture / forest blobs everywhere, rangeland blobs in the
+    vegetation zones a margin (0.12) away from every other zone (the other zones are
+    painted over it next)."""
+    d_green = z.dist[z.kinds == GREEN].min(0)
+    d_other = z.dist[z.kinds != GREEN].min(0)
+    surface = np.empty((g.h, g.w), np.uint8)
+    green = z.kind == GREEN
     share_agri = rng.uniform(0.35, 0.65)
-    f_af = _smooth_noise(rng, h, w, 4)
+    f_af = _smooth_noise(rng, g.h, g.w, 4)
     surface[:] = np.where(f_af > np.quantile(f_af, 1 - share_agri), AGRICULTURE, FOREST)
-    f_r = _smooth_noise(rng, h, w, 2.5)
+    f_r = _smooth_noise(rng, g.h, g.w, 2.5)
     inner = green & (d_other - d_green > 0.12)
     if inner.any():
         rangeland = inner & (f_r > np.quantile(f_r[inner], rng.uniform(0.5, 0.7)))
         surface[rangeland] = RANGELAND
-    # dry land: barren with a lake around each dry seed
-    surface[kind == DRY] = BARREN
-    f_l = _smooth_noise(rng, h, w, 4)
-    for j in np.flatnonzero(kinds == DRY):
+    return surface
+
+
+def _dry_land(rng: np.random.Generator, g: _Grid, z: _Zones, surface: np.ndarray) -> np.ndarray:
+    """Barren over the dry zones, with a lake around each dry seed; returns the lake-border
+    noise, which the no-data blob reuses."""
+    surface[z.kind == DRY] = BARREN
+    f_l = _smooth_noise(rng, g.h, g.w, 4)
+    for j in np.flatnonzero(z.kinds == DRY):
         r = rng.uniform(0.07, 0.12)
-        surface[(zone == j) & (dist[j] < r * (1 + 0.3 * f_l))] = WATER
-    # city: urban with a fine street grid (visual only: streets are urban too)
-    city = kind == CITY
+        surface[(z.zone == j) & (z.dist[j] < r * (1 + 0.3 * f_l))] = WATER
+    return f_l
+
+
+def _city(rng: np.random.Generator, g: _Grid, z: _Zones, surface: np.ndarray) -> np.ndarray:
+    """Urban over the city zones with a fine street grid (visual only: streets are labelled
+    urban too); returns the city mask."""
+    city = z.kind == CITY
     surface[city] = URBAN
     if city.any():
         sp = int(rng.integers(18, 40))
         oy, ox = rng.integers(0, sp, 2)
-        yy = (np.arange(h)[:, None] + oy) % sp < 2
-        xx = (np.arange(w)[None, :] + ox) % sp < 2
+        yy = (np.arange(g.h)[:, None] + oy) % sp < 2
+        xx = (np.arange(g.w)[None, :] + ox) % sp < 2
         surface[city & (yy | xx)] = ROAD
+    return city
 
-    # thin structures: a river through each dry seed (dry and city zones), roads everywhere
+
+def _thin_structures(rng: np.random.Generator, g: _Grid, z: _Zones, surface: np.ndarray,
+                     city: np.ndarray) -> np.ndarray:
+    """A river through each dry seed (over dry and city zones), then 2-3 roads across the whole
+    image; returns where they are thin structures (city streets are not)."""
+    h, w, s = g.h, g.w, g.s
     thin = np.zeros((h, w), bool)
-    for j in np.flatnonzero(kinds == DRY):
-        c = seeds[j] * s
+    for j in np.flatnonzero(z.kinds == DRY):
+        c = z.seeds[j] * s
         river = _curve(h, w, c, rng.uniform(0, np.pi), rng.uniform(0.02, 0.05) * s,
                        rng.uniform(0.25, 0.5) * s, rng.uniform(0, 2 * np.pi), THIN_WIDTH)
-        river &= (kind != GREEN) & (surface != WATER)
+        river &= (z.kind != GREEN) & (surface != WATER)
         surface[river] = RIVER
         thin |= river
     for _ in range(int(rng.integers(2, 4))):
@@ -218,15 +257,21 @@ def render_sample(rng: np.random.Generator, h: int, w: int) -> dict:
         road &= (surface != WATER) & (surface != RIVER)
         surface[road] = ROAD
         thin |= road & ~city
-    # unknown: one small no-data blob
-    area = rng.uniform(0.006, 0.025) * h * w
-    r = np.sqrt(area / np.pi) / s
-    cy, cx = rng.uniform(0, 1, 2) * ext
-    nodata = np.hypot(wv - cy, wu - cx) < r * (1 + 0.25 * f_l)
-    surface[nodata] = UNKNOWN
-    thin &= ~nodata
+    return thin
 
-    # image: colour + texture + cast + shading + noise (the label is unaffected by any of these)
+
+def _nodata_blob(rng: np.random.Generator, g: _Grid, f_l: np.ndarray) -> np.ndarray:
+    """Mask of one small no-data blob (0.6-2.5 % of the image area)."""
+    area = rng.uniform(0.006, 0.025) * g.h * g.w
+    r = np.sqrt(area / np.pi) / g.s
+    cy, cx = rng.uniform(0, 1, 2) * g.ext
+    return np.hypot(g.wv - cy, g.wu - cx) < r * (1 + 0.25 * f_l)
+
+
+def _paint(rng: np.random.Generator, surface: np.ndarray, nodata: np.ndarray) -> np.ndarray:
+    """The image: colour + texture + cast + shading + noise (the label is unaffected by any of
+    these); no-data pixels stay flat."""
+    h, w = surface.shape
     rgb = SURFACE_RGB[surface]
     rgb += _textures(surface, rng)[..., None]
     rgb += rng.normal(0, 6, 3).astype(np.float32)
@@ -235,7 +280,24 @@ def render_sample(rng: np.random.Generator, h: int, w: int) -> dict:
         rgb[..., ch] += 6 * _smooth_noise(rng, h, w, 5)
     rgb += rng.normal(0, 4, (h, w, 3)).astype(np.float32)
     rgb[nodata] = SURFACE_RGB[UNKNOWN]
-    image = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_sample(rng: np.random.Generator, h: int, w: int) -> dict:
+    """One synthetic image: {'image': (h, w, 3) uint8, 'mask': (h, w) uint8 class indices,
+    'thin': (h, w) bool roads/rivers drawn as thin structures}. Pure numpy, no file I/O.
+
+    The steps draw from rng in this order; changing it changes every generated data set."""
+    g = _grid(rng, h, w)
+    z = _zones(rng, g)
+    surface = _vegetation(rng, g, z)
+    f_l = _dry_land(rng, g, z, surface)
+    city = _city(rng, g, z, surface)
+    thin = _thin_structures(rng, g, z, surface, city)
+    nodata = _nodata_blob(rng, g, f_l)
+    surface[nodata] = UNKNOWN
+    thin &= ~nodata
+    image = _paint(rng, surface, nodata)
     return {"image": image, "mask": SURFACE_CLASS[surface], "thin": thin}
 
 
@@ -293,6 +355,86 @@ def _normalise_sizes(size: int, sizes: Iterable[Sequence[int]] | None) -> list[l
     return hw
 
 
+def _params(n_train: int, n_val: int, n_test: int, size: int, seed: int, rgb_masks: bool,
+            sizes: Iterable[Sequence[int]] | None) -> dict:
+    """The checked parameters as the manifest stores them (a re-run with equal ones is a no-op)."""
+    for name, n in {"train": n_train, "crossvali": n_val, "test": n_test}.items():
+        if int(n) < 0:
+            raise ValueError(f"number of {name} images is {n}: must be >= 0")
+    hw = _normalise_sizes(size, sizes)
+    return {"n_train": int(n_train), "n_val": int(n_val), "n_test": int(n_test),
+            "size": int(size), "seed": int(seed), "rgb_masks": bool(rgb_masks), "sizes": hw}
+
+
+def _is_complete(out: Path, old: dict | None, params: dict) -> bool:
+    """Whether the manifest `old` read from out was written with these parameters and all the
+    files it names are still there."""
+    return old is not None and old.get("version") == FORMAT_VERSION and old.get("params") == params \
+        and all((out / f).is_file() for f in old.get("files", []))
+
+
+def _start_fresh(out: Path, old: dict | None) -> None:
+    """Create out, drop its manifest (an interrupted run is never taken as complete) and remove
+    the files a previous run with other parameters wrote there (only those inside out)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    if old is not None:
+        for f in old.get("files", []):
+            p = (out / f).resolve()
+            if out.resolve() in p.parents:
+                p.unlink(missing_ok=True)
+
+
+def _draw_ids(seed: int, n_pool: int) -> list[str]:
+    """n_pool distinct numeric ids like DeepGlobe's ("100694"), from a stream of their own."""
+    id_pool = np.random.default_rng([int(seed), 1_000_003]).choice(990_000, n_pool,
+                                                                   replace=False)
+    return [str(int(i) + 10_000) for i in id_pool]
+
+
+def _file_names(split: str, img_id: str, rgb_masks: bool) -> tuple[str, str]:
+    """(image, label) paths relative to the data set folder, in the raw or the GLNet layout."""
+    if rgb_masks:
+        folder = "valid" if split == "valid" else "train"
+        return f"{folder}/{img_id}_sat.jpg", f"{folder}/{img_id}_mask.png"
+    return f"{split}/Sat/{img_id}_sat.jpg", f"{split}/Label/{img_id}_mask.png"
+
+
+def _write_sample(out: Path, sample: dict, sat: str, lab: str | None, rgb_masks: bool) -> list[str]:
+    """Write the JPEG image and, unless lab is None, the mask (RGB when rgb_masks); returns
+    the paths written."""
+    (out / sat).parent.mkdir(parents=True, exist_ok=True)
+    save_image(out / sat, sample["image"], "JPEG", quality=JPEG_QUALITY)
+    if lab is None:
+        return [sat]
+    (out / lab).parent.mkdir(parents=True, exist_ok=True)
+    save_png(out / lab, DEEPGLOBE.colorize(sample["mask"]) if rgb_masks else sample["mask"])
+    return [sat, lab]
+
+
+def _write_images(out: Path, groups: list[tuple[str, int]], ids: list[str], params: dict
+                  ) -> tuple[dict[str, list[str]], list[str], np.ndarray]:
+    """Render and write every image, taking ids and sizes in turn over the groups; returns the
+    ids per split, the files written and the class pixel counts of the labelled images."""
+    hw, seed, rgb_masks = params["sizes"], params["seed"], params["rgb_masks"]
+    split_ids: dict[str, list[str]] = {}
+    files: list[str] = []
+    counts = np.zeros(N_CLASSES, np.int64)
+    index = 0
+    for g, (split, n) in enumerate(groups):
+        split_ids[split] = ids[index:index + n]
+        for i, img_id in enumerate(split_ids[split]):
+            h, w = hw[index % len(hw)]
+            index += 1
+            # one stream per (split, position): changing n_train leaves val images unchanged
+            sample = render_sample(np.random.default_rng([seed, g, i]), h, w)
+            sat, lab = _file_names(split, img_id, rgb_masks)
+            files += _write_sample(out, sample, sat, None if split == "valid" else lab, rgb_masks)
+            if split != "valid":
+                counts += _mask_counts(sample["mask"])
+    return split_ids, files, counts
+
+
 def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_test: int = 2,
              size: int = 256, seed: int = 0, rgb_masks: bool = False,
              sizes: Iterable[Sequence[int]] | None = None) -> dict:
@@ -304,71 +446,30 @@ def generate(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 4, n_tes
     metadata.csv and splits/{train,crossvali,test}.txt naming the images of each GLNet split.
     `sizes` (list of (H, W)) is cycled through over all images; it overrides `size`.
     """
-    counts_in = {"train": n_train, "crossvali": n_val, "test": n_test}
-    for name, n in counts_in.items():
-        if int(n) < 0:
-            raise ValueError(f"number of {name} images is {n}: must be >= 0")
-    hw = _normalise_sizes(size, sizes)
-    params = {"n_train": int(n_train), "n_val": int(n_val), "n_test": int(n_test),
-              "size": int(size), "seed": int(seed), "rgb_masks": bool(rgb_masks), "sizes": hw}
+    params = _params(n_train, n_val, n_test, size, seed, rgb_masks, sizes)
+    n_train, n_val, n_test = params["n_train"], params["n_val"], params["n_test"]
     out = Path(out_dir)
     t0 = time.perf_counter()
 
     old = _read_manifest(out)
-    if old is not None and old.get("version") == FORMAT_VERSION and old.get("params") == params \
-            and all((out / f).is_file() for f in old.get("files", [])):
+    if _is_complete(out, old, params):
         return {**old, "out_dir": str(out), "skipped": True,
                 "seconds": round(time.perf_counter() - t0, 3)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run is never taken as complete
-    if old is not None:  # different parameters: remove what the previous run wrote
-        for f in old.get("files", []):
-            p = (out / f).resolve()
-            if out.resolve() in p.parents:
-                p.unlink(missing_ok=True)
+    _start_fresh(out, old)
 
-    n_unlabelled = int(n_val) if rgb_masks else 0
-    n_total = int(n_train) + int(n_val) + int(n_test) + n_unlabelled
-    # numeric ids like DeepGlobe's ("100694"), unique within the data set; drawn the same way
-    # for both layouts so that preparing the raw layout reproduces the GLNet one
-    n_pool = int(n_train) + 2 * int(n_val) + int(n_test)
-    id_pool = np.random.default_rng([int(seed), 1_000_003]).choice(990_000, n_pool,
-                                                                   replace=False)
-    ids = [str(int(i) + 10_000) for i in id_pool]
-    groups = [("train", int(n_train)), ("crossvali", int(n_val)), ("test", int(n_test)),
-              ("valid", n_unlabelled)]
-    split_ids: dict[str, list[str]] = {}
-    files: list[str] = []
-    counts = np.zeros(N_CLASSES, np.int64)
-    index = 0
-    for g, (split, n) in enumerate(groups):
-        split_ids[split] = ids[index:index + n]
-        for i, img_id in enumerate(split_ids[split]):
-            h, w = hw[index % len(hw)]
-            index += 1
-            # one stream per (split, position): changing n_train leaves val images unchanged
-            sample = render_sample(np.random.default_rng([int(seed), g, i]), h, w)
-            if rgb_masks:
-                folder = "valid" if split == "valid" else "train"
-                sat, lab = f"{folder}/{img_id}_sat.jpg", f"{folder}/{img_id}_mask.png"
-            else:
-                sat, lab = f"{split}/Sat/{img_id}_sat.jpg", f"{split}/Label/{img_id}_mask.png"
-            (out / sat).parent.mkdir(parents=True, exist_ok=True)
-            save_image(out / sat, sample["image"], "JPEG", quality=JPEG_QUALITY)
-            files.append(sat)
-            if split == "valid":
-                continue
-            (out / lab).parent.mkdir(parents=True, exist_ok=True)
-            save_png(out / lab, DEEPGLOBE.colorize(sample["mask"]) if rgb_masks else sample["mask"])
-            files.append(lab)
-            counts += _mask_counts(sample["mask"])
+    n_unlabelled = n_val if rgb_masks else 0
+    # ids drawn the same way for both layouts, so that preparing the raw layout reproduces the
+    # GLNet one
+    ids = _draw_ids(seed, n_train + 2 * n_val + n_test)
+    groups = [("train", n_train), ("crossvali", n_val), ("test", n_test), ("valid", n_unlabelled)]
+    split_ids, files, counts = _write_images(out, groups, ids, params)
     if not rgb_masks:
         del split_ids["valid"]
     else:
         files += _write_raw_extras(out, split_ids)
 
     manifest = {"version": FORMAT_VERSION, "params": params,
-                "layout": "raw" if rgb_masks else "glnet", "n_images": n_total,
+                "layout": "raw" if rgb_masks else "glnet", "n_images": sum(n for _, n in groups),
                 "splits": split_ids, "class_shares": _shares(counts), "files": files}
     _write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "out_dir": str(out), "skipped": False,
