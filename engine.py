@@ -60,7 +60,7 @@ def run_evaluation(args, cfg: helper.Config, model, frozen, ds) -> int:
         predictions_dir=args.predictions_dir, with_labels=not args.test, desc=f"{split} ({len(ds)} images)",
     )
     elapsed = time.time() - t0
-    print(f"{split}: {len(ds)} images in {elapsed:.1f} s ({elapsed / len(ds):.2f} s/image)")
+    print(f"{split}: {len(ds)} images in {elapsed:.2f} s ({elapsed / len(ds):.2f} s/image)")
     if args.predictions_dir:
         print(f"predictions: {args.predictions_dir}")
     if args.test:
