@@ -5,6 +5,7 @@ helper.STAGES; the run's files and life from utils.run.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -48,7 +49,8 @@ def format_table(results: dict, classes) -> str:
             f"{'n/a' if results[k]['iou'][c] is None else format(results[k]['iou'][c], '.4f'):>12}" for k in names
         )
         lines.append(f"{c} {class_name:<12}" + cells)
-    lines.append(f"{'mIoU':<14}" + "".join(f"{results[k]['miou']:>12.4f}" for k in names))
+    counted = classes.miou_classes
+    lines.append(f"{f'mIoU ({counted[0]}..{counted[-1]})':<14}" + "".join(f"{results[k]['miou']:>12.4f}" for k in names))
     return "\n".join(lines)
 
 
@@ -86,9 +88,10 @@ class Trainer:
         self.generator = torch.Generator()
         self.train_loader = make_loader(self.train_ds, args, cfg.device, shuffle=True, generator=self.generator)
         self.val_loader = make_loader(self.val_ds, args, cfg.device, shuffle=False)
-        self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.lr)
+        self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
         self.step = helper.TrainStep(model, cfg, frozen, self.scaler)
+        self.val_cfg = dataclasses.replace(cfg, tta=False)  # validation as the original: no TTA
         self.start, self.done, self.best = 0, 0, -1.0  # done: epochs in the resume file
 
     def restore(self, state: dict | None) -> None:
@@ -140,7 +143,7 @@ class Trainer:
         if bad is not None:
             raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad})")
         log.position = "during validation"
-        cms, example = helper.evaluate(self.model, self.val_loader, cfg, self.frozen, desc="validation")
+        cms, example = helper.evaluate(self.model, self.val_loader, self.val_cfg, self.frozen, desc="validation")
         val = {k: cm.miou() for k, cm in cms.items()}
         log.position = "while saving"
         self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, val[cfg.stage.main_output],
@@ -153,7 +156,7 @@ class Trainer:
         if self.done:
             return (f"the weights of the last good epoch ({self.done}) are in {self.files.last}; "
                     f"lower --lr and continue with: {self.command} --lr LR")
-        return f"no epoch was saved; lower --lr (now {self.cfg.lr:g}) and start again"
+        return f"no epoch was saved; lower --lr (now {self.cfg.base_lr:g}) and start again"
 
     def _where(self, log: RunLog) -> str:
         if self.done <= log.epoch:

@@ -115,21 +115,32 @@ class Config:
     sub_batch: int
     lamb_fmreg: float = 0.15
     num_epochs: int = 1
-    lr: float = 5e-5
+    lr: float | None = None  # None: the stage's default
     amp: str | None = None
     tta: bool = False
     progress: bool = True
+    # mode-3 training: images of a batch whose per-patch local ps3 stay in memory (the others
+    # run the frozen local branch again)
+    keep_patch_maps: int = 1
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> "Config":
         return cls(
             STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
-            args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress,
+            args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress, args.keep_patch_maps,
         )
 
     @property
     def classes(self):
         return class_table(self.n_class)
+
+    @property
+    def base_lr(self) -> float:
+        return self.stage.lr if self.lr is None else self.lr
+
+    def confusion_matrices(self) -> dict[str, ConfusionMatrix]:
+        """A zero confusion matrix per output of the stage, on the run's device."""
+        return {name: ConfusionMatrix(self.n_class, self.device, self.classes.miou_classes) for name in self.stage.outputs}
 
 
 # ----------------------------------------------------------------------------- patches
@@ -342,7 +353,7 @@ def evaluate(
     if frozen is not None:
         frozen.eval()
     device, classes = cfg.device, cfg.classes
-    cms = {name: ConfusionMatrix(cfg.n_class, device, classes.miou_classes) for name in cfg.stage.outputs}
+    cms = cfg.confusion_matrices()
     example = None
     if predictions_dir:
         os.makedirs(predictions_dir, exist_ok=True)
@@ -477,12 +488,13 @@ class _GradSum:
 
     def add(self, loss: torch.Tensor) -> None:
         grads = torch.autograd.grad(loss, self.inputs)
-        self.grads = list(grads) if self.grads is None else [a + g for a, g in zip(self.grads, grads)]
+        self.grads = list(grads) if self.grads is None else [a.add_(g) for a, g in zip(self.grads, grads)]
 
     def surrogate(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum(output * grad): its backward sends exactly the summed gradients into
-        `outputs` (the graph tensors that the detached inputs stand for, or parameters)."""
-        return sum((o * g).sum() for o, g in zip(outputs, self.grads))
+        `outputs` (the graph tensors that the detached inputs stand for, or parameters).
+        Summed in float32 (the value could overflow in fp16; the gradients do not depend on it)."""
+        return sum((o.float() * g.float()).sum() for o, g in zip(outputs, self.grads))
 
 
 def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
@@ -493,8 +505,9 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     2. The global branch runs on the whole batch with the merged local context.
     3. Per sub-batch, the ensemble conv combines the patches' local ps3 with crops of the
        global ps3. Each patch's ps3 (512 channels at 1/4 of the patch, 33 MB at 508 px) is
-       kept only for the last image of the batch; for the others the local branch runs
-       again (the same values): memory is bounded per image, not per batch.
+       kept only for the last `keep_patch_maps` images of the batch (default 1); for the
+       others the frozen global model and the local branch run again (the same values):
+       memory is bounded per image, not per batch, for up to ~1.4x the time of a step.
 
     The original calls backward through the whole global branch once per sub-batch. The
     ensemble losses reach the global branch only through ps3_g, so their gradient is
@@ -507,14 +520,15 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     images = [step.to_device(x) for x in batch["image"]]
     labels = [step.to_device(x) for x in batch["label"]]
     grids = [PatchGrid.for_size(*x.shape[-2:], cfg.size_p) for x in images]
-    contexts, scored, kept = [], [], None
+    keep = [b >= len(images) - max(cfg.keep_patch_maps, 1) for b in range(len(images))]
+    contexts, scored, kept = [], [], {}
     for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
-        last = b == len(images) - 1
-        lp = _local_pass(step, ig[b : b + 1], image, grid, keep="ps3" if last else None)
+        lp = _local_pass(step, ig[b : b + 1], image, grid, keep="ps3" if keep[b] else None)
         for index in sub_batches(len(grid), cfg.sub_batch):
             scored.append(("local", patch_labels(label, grid, index), step.to_device(lp.outputs[index]).argmax(1)))
         contexts.append(lp.context.context())
-        kept = lp.ps3 if last else None
+        if keep[b]:
+            kept[b] = lp.ps3
         del lp
     context = Maps.from_context([torch.cat(maps) for maps in zip(*contexts)])
     del contexts
@@ -527,7 +541,7 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     grads = _GradSum([ps3_g, conv.weight, conv.bias])
     total, focal_ens = loss_g.detach().clone(), torch.zeros((), device=cfg.device)
     for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
-        ps3_local = _ps3_kept(kept, grid, cfg.sub_batch) if b == len(images) - 1 else \
+        ps3_local = _ps3_kept(kept.pop(b), grid, cfg.sub_batch) if keep[b] else \
             _ps3_again(step, ig[b : b + 1], image, grid)
         for index, ps3_l in ps3_local:
             y = patch_labels(label, grid, index)
@@ -577,34 +591,58 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _flag_last(items) -> Iterator[tuple[Any, bool]]:
+    """(item, whether it is the last one) for each item of an iterable, read one ahead."""
+    it = iter(items)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield item, False
+        item = following
+    yield item, True
+
+
+def accumulate(step: TrainStep, batch: dict[str, Any], cms: dict[str, ConfusionMatrix], forward=None) -> dict[str, torch.Tensor]:
+    """Forward and backward of every micro-batch of `batch`: gradients summed in .grad,
+    train confusion matrices updated; returns the losses summed over the micro-batches.
+    `forward` runs a micro-batch: the step itself (default) or a DistributedDataParallel
+    wrapper of it, whose gradients are then all-reduced once, in the last backward (the
+    others run under its no_sync(); every rank must cut its batch into as many micro-batches)."""
+    forward = forward or step
+    sums: dict[str, torch.Tensor] = {}
+    for micro, last in _flag_last(step.micro_batches(batch)):
+        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
+        with sync:
+            result = forward(micro)
+            result.objective.backward()
+        for name, label, pred in result.scored:
+            cms[name].update(label, pred)
+        for k, v in result.losses.items():
+            sums[k] = v if k not in sums else sums[k] + v
+        del result
+    return sums
+
+
 def train_one_epoch(
     step: TrainStep, loader, optimizer: torch.optim.Optimizer, epoch: int, scaler=None, on_iteration=None,
     forward: Callable | None = None,
 ) -> dict[str, float]:
     """One epoch: poly lr per iteration, one optimizer step per batch (gradients summed
-    over its micro-batches). `forward` runs a micro-batch: the step itself (default) or a
-    wrapper of it. Returns the mean loss and the train mIoU of each output (at the loss
-    resolution, 1/4)."""
+    over its micro-batches, see `accumulate`). Returns the mean loss and the train mIoU of
+    each output (at the loss resolution, 1/4)."""
     cfg = step.cfg
-    forward = forward or step
     step.train()
-    cms = {name: ConfusionMatrix(cfg.n_class, cfg.device, cfg.classes.miou_classes) for name in cfg.stage.outputs}
+    cms = cfg.confusion_matrices()
     iters = len(loader)
     loss_sum, n = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not cfg.progress, dynamic_ncols=True)
     for i, batch in enumerate(bar):
-        lr = poly_lr(cfg.lr, epoch, i, iters, cfg.num_epochs)
+        lr = poly_lr(cfg.base_lr, epoch, i, iters, cfg.num_epochs)
         set_lr(optimizer, lr)
-        sums: dict[str, torch.Tensor] = {}
         with autocast(cfg.device, cfg.amp):
-            for micro in step.micro_batches(batch):
-                result = forward(micro)
-                result.objective.backward()
-                for name, label, pred in result.scored:
-                    cms[name].update(label, pred)
-                for k, v in result.losses.items():
-                    sums[k] = v if k not in sums else sums[k] + v
-                del result
+            sums = accumulate(step, batch, cms, forward)
         loss = float(sums["loss"])
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)

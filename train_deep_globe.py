@@ -26,12 +26,16 @@ import warnings
 from utils.errors import UserError
 
 
-def _per_mode(field: str) -> str:
-    """A stage default for the help text: '120 for modes 1 and 3, 50 for mode 2'."""
+def _stages() -> dict:
     from helper import STAGES
 
+    return STAGES
+
+
+def _per_mode(field: str) -> str:
+    """A stage default for the help text: '120 for modes 1 and 3, 50 for mode 2'."""
     by_value: dict = {}
-    for s in STAGES.values():
+    for s in _stages().values():
         by_value.setdefault(getattr(s, field), []).append(str(s.mode))
     parts = []
     for value, modes in by_value.items():
@@ -63,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--model_path", type=str, default="./saved_models/", help="folder for checkpoints; --path_* are relative to it")
     a("--log_path", type=str, default="./runs/", help="folder for TensorBoard logs, text logs and metrics")
     a("--task_name", type=str, default=None, help=f"run name: <model_path>/<task_name>.pth, <log_path>/<task_name>/ (default: {_per_mode('task_name')})")
-    a("--mode", type=int, choices=(1, 2, 3), default=1, help="1: global, 2: global2local, 3: local2global")
+    a("--mode", type=int, choices=sorted(_stages()), default=1, help=", ".join(f"{m}: {s.name}" for m, s in _stages().items()))
     a("--evaluation", action="store_true", help="evaluate on data_path/crossvali instead of training")
     a("--batch_size", type=int, default=6, help="images per optimizer step")
     a("--sub_batch_size", type=int, default=6, help="patches per forward pass")
@@ -87,6 +91,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--no_progress", action="store_true", help="no progress bars")
     a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (autocast; fp16 training adds a GradScaler); default fp32, as the original")
     a("--compile", action="store_true", help="torch.compile the ResNets and the global FPN (slow first iterations; checkpoint keys unchanged)")
+    a("--keep_patch_maps", type=int, default=1, help="mode-3 training: images of a batch whose per-patch local maps (ps3, 33 MB per 508 px patch) stay in memory; the local branch runs again for the others (--batch_size: keep all, as the original: faster, memory grows with the batch)")
     a("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -114,7 +119,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--{stage.trained_input} must be more than 32 to train mode {args.mode}: at 32 px the ResNet's last stage "
             f"is 1x1, and BatchNorm cannot train on a batch holding a single image or patch"
         )
-    for name in ("batch_size", "sub_batch_size", "n_class", "num_epochs"):
+    for name in ("batch_size", "sub_batch_size", "n_class", "num_epochs", "keep_patch_maps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.n_class > 255:
@@ -247,7 +252,12 @@ def release_frames(e: BaseException) -> None:
 
 
 def cli(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    try:
+        parser = get_parser()  # the stage table (helper.STAGES) needs torch
+    except ImportError as e:
+        print(f"error: {e}; install the requirements (./run_tests.sh or env.sh set up an environment)", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

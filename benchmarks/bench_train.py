@@ -65,6 +65,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--no_isolate", action="store_true", help="run all modes in this process (the peak RSS then carries over between modes)")
     a("--results", type=str, default=os.path.join(B.RESULTS_DIR, "train.jsonl"), help="JSON-lines file each stage's figures are appended to")
     a("--seed", type=int, default=0, help="seed of the synthetic batch")
+    a("--keep_patch_maps", type=int, default=1, help="mode 3: images of a batch whose per-patch ps3 stay in memory (as train_deep_globe.py)")
     a("--_record", type=str, default=None, help=argparse.SUPPRESS)  # internal: where a child writes its record
     return p
 
@@ -116,7 +117,7 @@ def setup_stage(args, mode: int, device) -> tuple:
     params = helper.configure_stage(model, stage)
     optimizer = helper.make_optimizer(params, stage.lr)
     cfg = helper.Config(stage, device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
-                        num_epochs=1, lr=stage.lr, progress=False)
+                        num_epochs=1, lr=stage.lr, progress=False, keep_patch_maps=args.keep_patch_maps)
     step = helper.TrainStep(model, cfg, frozen)
     batch = make_batch(args.batch_size, args.image_size, args.size_g, args.n_class, args.seed)
     return step, params, optimizer, batch

@@ -13,7 +13,7 @@ folder layout too (e.g. predicting on an arbitrary image).
 
 The checks of a label file (readable, a class-index mask, the image's size, values
 in range) are written once here: `check_label_header` looks at the header only
-(`DeepGlobe.check_files` runs it on a whole split before training), `read_label`
+(`DeepGlobe.check_files` runs it on a whole split before a run starts), `read_label`
 and `__getitem__` apply the same checks with the same messages while loading.
 """
 from __future__ import annotations

@@ -322,7 +322,7 @@ def global2local(
     (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
     low_memory (inference only): the local FPN and the ensemble run patch by patch,
     dropping each map once used; same outputs (fmreg: the mean of per-patch MSEs);
-    `backbone_batch`: see `GLNet.local_maps`.
+    `backbone_batch`: see `GLNet.local_maps_released`.
     """
     if not low_memory:
         loc = model.local_maps(patches, glob, grid, index)

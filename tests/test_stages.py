@@ -2,6 +2,7 @@
 (GLNET_SPEC.md section 1), mode-3 training keeping per-patch maps for one image only, and
 the step under DistributedDataParallel (one process, gloo, CPU)."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -48,9 +49,11 @@ def _cfg(mode, sub_batch=2):
                          progress=False)
 
 
-def test_mode3_training_keeps_per_patch_maps_of_one_image_only(glnet, monkeypatch):
+@pytest.mark.parametrize("keep, expected", [(1, [False, False, True]), (3, [True, True, True])])
+def test_mode3_training_keeps_per_patch_maps_of_one_image_only(glnet, monkeypatch, keep, expected):
     """The local ps3 of every patch (512 channels at 1/4 of the patch) is the large per-image
-    cost of mode 3; a batch of three images keeps it for one image at a time."""
+    cost of mode 3; a batch of three images keeps it for one image at a time, unless
+    --keep_patch_maps asks for more (then nothing runs twice)."""
     kept, again = [], []
     real_collect, real_again = helper.local2global_collect, helper._ps3_again
 
@@ -67,11 +70,12 @@ def test_mode3_training_keeps_per_patch_maps_of_one_image_only(glnet, monkeypatc
     monkeypatch.setattr(helper, "_ps3_again", recompute)
     frozen = GLNet(7, local=False, context=False).eval()
     helper.configure_stage(glnet, helper.STAGES[3])
-    step = helper.TrainStep(glnet, _cfg(3), frozen).train()
+    cfg = dataclasses.replace(_cfg(3), keep_patch_maps=keep)
+    step = helper.TrainStep(glnet, cfg, frozen).train()
     for micro in step.micro_batches(_batch([(160, 160), (128, 200), (144, 176)])):
         step(micro).objective.backward()
-    assert kept == [False, False, True]  # one local pass per image, ps3 kept for the last one
-    assert len(again) == 2  # the two others run their local branch again
+    assert kept == expected  # one local pass per image, ps3 kept for the last `keep` ones
+    assert len(again) == expected.count(False)  # the others run their local branch again
     assert glnet.ensemble_conv.weight.grad is not None and glnet.resnet_global.conv1.weight.grad is not None
 
 
@@ -110,11 +114,7 @@ def test_train_step_under_distributed_data_parallel(glnet, process_group, mode):
         model.eval()  # BatchNorm in eval: the two runs see the same statistics
         # trained parameters that a stage's forward does not use (e.g. mode 1's context layers)
         forward = DistributedDataParallel(step, find_unused_parameters=True) if wrap else step
-        micros = list(step.micro_batches(batch))
-        for i, micro in enumerate(micros):
-            sync = (forward.no_sync() if wrap and i < len(micros) - 1 else _nothing())
-            with sync:
-                forward(micro).objective.backward()
+        helper.accumulate(step, batch, step.cfg.confusion_matrices(), forward)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     ref, got = grads
     assert ref.keys() == got.keys() and len(ref) > 0
@@ -122,9 +122,30 @@ def test_train_step_under_distributed_data_parallel(glnet, process_group, mode):
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+class _TimesEight:
+    """A stand-in for torch.amp.GradScaler: scale() multiplies by 8."""
 
-    def __exit__(self, *exc):
-        return False
+    def scale(self, loss):
+        return loss * 8.0
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_fp16_loss_scale_is_applied_once(glnet, mode):
+    """With a GradScaler the step scales its objective itself (mode 3: also the ensemble
+    losses whose gradients it sums); train_one_epoch does not scale again. The gradients
+    are 8x those of the unscaled step, not 64x."""
+    stage = helper.STAGES[mode]
+    frozen = GLNet(7, local=False, context=False).eval() if stage.frozen_from else None
+    helper.configure_stage(glnet, stage)
+    other = copy.deepcopy(glnet)
+    batch = _batch([(160, 160), (128, 200)])
+    grads = []
+    for model, scaler in ((glnet, None), (other, _TimesEight())):
+        step = helper.TrainStep(model, _cfg(mode), frozen, scaler).train()
+        model.eval()
+        helper.accumulate(step, batch, step.cfg.confusion_matrices())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, scaled = grads
+    assert plain.keys() == scaled.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(scaled[n], 8 * plain[n], rtol=1e-4, atol=1e-6, msg=n)
