@@ -55,22 +55,24 @@ def format_table(results: dict, classes) -> str:
 
 
 def run_evaluation(args, cfg: helper.Config, model, frozen, ds) -> int:
-    split = "test" if args.test else "crossvali"
+    """Predict one split (`ds`); score it when it has labels: table, <task>.<split>.metrics.json."""
+    split = args.split
     t0 = time.time()
     cms, _ = helper.evaluate(
         model, make_loader(ds, args, cfg.device, shuffle=False), cfg, frozen,
-        predictions_dir=args.predictions_dir, with_labels=not args.test, desc=f"{split} ({len(ds)} images)",
+        predictions_dir=args.predictions_dir, with_labels=ds.labels, desc=f"{split} ({len(ds)} images)",
     )
     elapsed = time.time() - t0
     print(f"{split}: {len(ds)} images in {elapsed:.2f} s ({elapsed / len(ds):.2f} s/image)")
     if args.predictions_dir:
         print(f"predictions: {args.predictions_dir}")
-    if args.test:
+    if not ds.labels:
         return 0
     results = metrics_dict(cms)
+    print(f"IoU on {split} ({len(ds)} images), task {args.task_name}")
     print(format_table(results, cfg.classes))
-    print("  ".join(f"mIoU {k}: {v['miou']:.4f}" for k, v in results.items()))
-    path = RunFiles.of(args).metrics
+    print(f"{split}: " + "  ".join(f"mIoU {k}: {v['miou']:.4f}" for k, v in results.items()))
+    path = RunFiles.of(args).metrics(split)
     write_json(path, results)
     print(f"metrics: {path}")
     return 0

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Evaluate a trained GLNet stage on data_path/crossvali (--evaluation):
+# Evaluate a trained GLNet stage on data_path/$SPLIT (--evaluation; SPLIT=crossvali by default,
+# SPLIT=test for the paper's figures):
 #   MODE=1 global (PATH_G), MODE=2 global2local (PATH_G2L), MODE=3 full GLNet
 #   (PATH_L2G with the frozen global model PATH_G; the default).
-# Per-class IoU and mIoU are printed and written to <LOG_PATH>/<TASK_NAME>.metrics.json.
+# Per-class IoU and mIoU are printed and written to <LOG_PATH>/<TASK_NAME>.<SPLIT>.metrics.json.
 # Extra arguments are passed on, e.g. --predictions_dir DIR, --test, --tta:
 #   MODE=3 ./eval_deep_globe.sh --predictions_dir predictions --tta
 set -euo pipefail
@@ -12,6 +13,7 @@ read -r -a python <<< "${PYTHON:-python}"
 args=(
     --mode "${MODE:-3}"
     --evaluation
+    --split "${SPLIT:-crossvali}"
     --n_class "${N_CLASS:-7}"
     --data_path "${DATA_PATH:-./data/deep_globe/}"
     --model_path "${MODEL_PATH:-./saved_models/}"

@@ -108,7 +108,7 @@ stages = [
 ]
 results = {}
 for name, task in stages:
-    with open(os.path.join(logs, f"{task}.metrics.json")) as f:
+    with open(os.path.join(logs, f"{task}.crossvali.metrics.json")) as f:
         results[name] = json.load(f)
 outputs = ("global", "local", "aggregated")
 print("validation mIoU (classes 1-6, 'unknown' excluded; chance is about 0.14)")

@@ -84,7 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=2, help="data loading worker processes")
     a("--seed", type=int, default=0, help="seed for init, shuffling and augmentation")
     a("--predictions_dir", type=str, default=None, help="write <id>_mask.png colour predictions here (evaluation, --test)")
-    a("--test", action="store_true", help="predict the unlabelled data_path/test split into --predictions_dir")
+    a("--split", choices=("crossvali", "test", "train"), default="crossvali", help="the split --evaluation predicts, and scores when it has a Label/ folder (the paper's figures are on test)")
+    a("--test", action="store_true", help="predict data_path/test into --predictions_dir without scoring it (as --evaluation --split test on unlabelled data)")
     a("--tta", action="store_true", help="test-time augmentation: sum scores over the 8 flips/rotations")
     a("--backbone_weights", type=str, default="imagenet", help="ResNet-50 init for training: imagenet, none, or a state-dict file")
     a("--resume", action="store_true", help="continue an interrupted training run from <model_path>/<task_name>.resume.pth")
@@ -105,9 +106,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.lr = stage.lr if args.lr is None else args.lr
     args.task_name = args.task_name or stage.task_name
     if args.test:
-        args.evaluation = True
+        args.evaluation, args.split = True, "test"
         if not args.predictions_dir:
             raise UserError("--test needs --predictions_dir DIR to write the predictions to")
+    if args.split != "crossvali" and not args.evaluation:
+        raise UserError("--split chooses what --evaluation predicts; training reads train/ and validates on crossvali/")
     if args.resume and args.evaluation:
         raise UserError("--resume continues a training run; leave it out with --evaluation/--test")
     for name in ("size_g", "size_p"):
@@ -162,10 +165,16 @@ def load_datasets(args) -> dict:
     """The splits this run reads, checked (layout, pairs, headers) before any model is built."""
     from dataset.deep_globe import DeepGlobe
 
-    if args.test:
-        splits = {"test": dict(labels=False)}
-    elif args.evaluation:
-        splits = {"crossvali": {}}
+    if args.evaluation:
+        labels = not args.test and DeepGlobe.has_labels(args.data_path, args.split)
+        if not labels and not args.test:
+            if not args.predictions_dir:
+                raise UserError(
+                    f"--split {args.split}: {args.data_path} has no {args.split}/Label/ folder, so there is nothing "
+                    "to score; give --predictions_dir DIR to write predictions"
+                )
+            print(f"note: {args.split}/ has no Label/ folder: predictions only, nothing is scored", file=sys.stderr)
+        splits = {args.split: dict(labels=labels)}
     else:
         splits = {"train": dict(train=True, seed=args.seed), "crossvali": {}}
     datasets = {}
@@ -210,7 +219,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None, argv: list[
         build.check_backbone_weights(args.backbone_weights)
     settings = dict(vars(args), device=str(device))
     print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    write_json(files.args_json("evaluation" if args.evaluation else "train"), settings)
+    write_json(files.args_json(f"evaluation.{args.split}" if args.evaluation else "train"), settings)
     model, frozen = build.build_models(args, stage, device, init=state is None)
     build.tune_for_device((model, frozen), device, args.compile)
     cfg = helper.Config.from_args(args, device)

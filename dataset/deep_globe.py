@@ -216,6 +216,11 @@ class DeepGlobe(Dataset):
         self.labels, self.train, self.seed = labels, train, seed
         self.epoch = 0
 
+    @staticmethod
+    def has_labels(data_path: str, split: str) -> bool:
+        """Whether a split of --data_path has its Label/ folder."""
+        return os.path.isdir(os.path.join(split_dir(data_path, split), "Label"))
+
     @classmethod
     def open(cls, data_path: str, split: str, size_g: int, size_p: int, n_class: int = 7, **kwargs) -> "DeepGlobe":
         """The dataset of a run's --data_path: a missing folder is one error naming the flag,

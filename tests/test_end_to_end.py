@@ -139,7 +139,7 @@ def test_mode1_trains_global_branch_from_scratch_init(run):
 
 
 def test_metrics_json_structure(run):
-    path = run["logs"] / "l2g_eval.metrics.json"
+    path = run["logs"] / "l2g_eval.crossvali.metrics.json"
     metrics = json.loads(path.read_text())
     assert set(metrics) == {"global", "local", "aggregated"}
     for name, m in metrics.items():
@@ -155,7 +155,7 @@ def test_evaluation_reproduces_the_validation_score_of_training(run):
     # Evaluating the saved mode-3 checkpoint on crossvali gives the scores its training run
     # logged after its last epoch (same weights, same frozen global model, same images).
     line = (run["logs"] / "l2g.log").read_text().splitlines()[-1]
-    metrics = json.loads((run["logs"] / "l2g_eval.metrics.json").read_text())
+    metrics = json.loads((run["logs"] / "l2g_eval.crossvali.metrics.json").read_text())
     for name in ("global", "local", "aggregated"):
         logged = float(re.search(rf"val_{name} ([0-9.]+)", line).group(1))
         assert metrics[name]["miou"] == pytest.approx(logged, abs=1e-4), name

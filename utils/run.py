@@ -35,7 +35,8 @@ RESUME_KEYS = {"model", "optimizer", "epoch", "best", "args"}
 
 class RunFiles:
     """Where a run's files go: <model_path>/<task>.pth (last epoch), .best.pth, .resume.pth,
-    and <log_path>/<task>/ (TensorBoard), <task>.log, <task>.<kind>.args.json, <task>.metrics.json."""
+    and <log_path>/<task>/ (TensorBoard), <task>.log, <task>.<kind>.args.json, and per scored
+    split <task>.<split>.metrics.json."""
 
     def __init__(self, model_path: str, log_path: str, task_name: str) -> None:
         self.model_path, self.log_path, self.task = model_path, log_path, task_name
@@ -44,11 +45,13 @@ class RunFiles:
         self.resume = os.path.join(model_path, f"{task_name}.resume.pth")
         self.tensorboard = os.path.join(log_path, task_name)
         self.log = os.path.join(log_path, f"{task_name}.log")
-        self.metrics = os.path.join(log_path, f"{task_name}.metrics.json")
 
     @classmethod
     def of(cls, args) -> "RunFiles":
         return cls(args.model_path, args.log_path, args.task_name)
+
+    def metrics(self, split: str) -> str:
+        return os.path.join(self.log_path, f"{self.task}.{split}.metrics.json")
 
     def args_json(self, kind: str) -> str:
         return os.path.join(self.log_path, f"{self.task}.{kind}.args.json")
