@@ -2,6 +2,11 @@
 followed by validation, checkpoints and logs, with graceful stops and resume) and
 evaluation (metrics table and JSON, predictions). The stage's specifics come from
 helper.STAGES; the run's files and life from utils.run.
+
+Under torchrun (utils.dist): each process trains on its share of every epoch's images
+(DistributedSampler) through a DistributedDataParallel wrapper of the TrainStep, and
+evaluates its share of the images (each image once); confusion matrices are summed over the
+processes, and the main process alone writes checkpoints, logs and metrics.
 """
 from __future__ import annotations
 
@@ -11,20 +16,23 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import helper
 from dataset.deep_globe import collate
 from utils.errors import UserError
 from utils.io import write_json
+from utils import dist
+from utils.dist import SINGLE, Processes
 from utils.run import GracefulStop, Interrupted, RunFiles, RunLog, first_nonfinite, restore_training, save_epoch, worker_init
 
 
-def make_loader(dataset, args, device, shuffle: bool, generator=None) -> DataLoader:
+def make_loader(dataset, args, device, shuffle: bool, generator=None, sampler=None) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=args.num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
@@ -54,14 +62,26 @@ def format_table(results: dict, classes) -> str:
     return "\n".join(lines)
 
 
-def run_evaluation(args, cfg: helper.Config, model, frozen, ds) -> int:
+def evaluate_shared(model, ds, args, cfg: helper.Config, frozen, procs: Processes, **kwargs):
+    """helper.evaluate on this process's share of `ds`, the confusion matrices summed over
+    the processes (the same matrices as one process evaluating every image)."""
+    loader = make_loader(dist.shard(procs, ds), args, cfg.device, shuffle=False)
+    cms, example = helper.evaluate(model, loader, cfg, frozen, **kwargs)
+    for cm in cms.values():
+        dist.sum_(procs, cm.matrix)
+    return cms, example
+
+
+def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes = SINGLE) -> int:
     """Predict one split (`ds`); score it when it has labels: table, <task>.<split>.metrics.json."""
     split = args.split
     t0 = time.time()
-    cms, _ = helper.evaluate(
-        model, make_loader(ds, args, cfg.device, shuffle=False), cfg, frozen,
+    cms, _ = evaluate_shared(
+        model, ds, args, cfg, frozen, procs,
         predictions_dir=args.predictions_dir, with_labels=ds.labels, desc=f"{split} ({len(ds)} images)",
     )
+    if not procs.main:
+        return 0
     elapsed = time.time() - t0
     print(f"{split}: {len(ds)} images in {elapsed:.2f} s ({elapsed / len(ds):.2f} s/image)")
     if args.predictions_dir:
@@ -83,18 +103,33 @@ class Trainer:
     (utils.run.save_epoch) and its log line. SIGINT/SIGTERM stop it at the next iteration
     or epoch boundary; `run` returns the exit code."""
 
-    def __init__(self, args, cfg: helper.Config, model, frozen, datasets, command: str) -> None:
+    def __init__(self, args, cfg: helper.Config, model, frozen, datasets, command: str,
+                 procs: Processes = SINGLE) -> None:
         self.args, self.cfg, self.model, self.frozen, self.command = args, cfg, model, frozen, command
-        self.files = RunFiles.of(args)
+        self.procs, self.files = procs, RunFiles.of(args)
         self.train_ds, self.val_ds = datasets["train"], datasets["crossvali"]
         self.generator = torch.Generator()
-        self.train_loader = make_loader(self.train_ds, args, cfg.device, shuffle=True, generator=self.generator)
-        self.val_loader = make_loader(self.val_ds, args, cfg.device, shuffle=False)
+        self.sampler = None
+        if procs.active:  # each process its share of every epoch, shuffled from --seed and the epoch
+            self.sampler = DistributedSampler(self.train_ds, procs.world, procs.rank, shuffle=True, seed=args.seed)
+        self.train_loader = make_loader(self.train_ds, args, cfg.device, True, self.generator, self.sampler)
         self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
         self.step = helper.TrainStep(model, cfg, frozen, self.scaler)
-        self.val_cfg = dataclasses.replace(cfg, tta=False)  # validation as the original: no TTA
+        self.forward = self._distributed(self.step) if procs.active else self.step
+        self.val_cfg = dataclasses.replace(cfg, tta=False, progress=cfg.progress and procs.main)  # as the original: no TTA
         self.start, self.done, self.best = 0, 0, -1.0  # done: epochs in the resume file
+
+    def _distributed(self, step):
+        """The step wrapped for gradient synchronisation. find_unused_parameters: a stage's
+        forward leaves some trained parameters unused (mode 1: the context layers)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.cfg.device.index] if self.cfg.device.type == "cuda" else None
+        return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+
+    def agree(self, flag: bool) -> bool:
+        return dist.any_true(self.procs, flag, self.cfg.device)
 
     def restore(self, state: dict | None) -> None:
         for name in self.files.remove_stale_temps():
@@ -110,14 +145,15 @@ class Trainer:
             print(f"nothing to do: all {self.cfg.num_epochs} epochs are done (a larger --num_epochs trains on)")
             return 0
         stop = GracefulStop()
-        log = RunLog(self.files, self.cfg.num_epochs, len(self.train_loader), stop)
+        log = RunLog(self.files, self.cfg.num_epochs, len(self.train_loader), stop, self.procs, self.cfg.device)
+        log.start_epoch(self.start)
         if state is not None:
             log.note(f"resumed after epoch {self.start} from {self.files.resume}")
         try:
             with stop:
                 for epoch in range(self.start, self.cfg.num_epochs):
                     self.epoch(epoch, log)
-                    stop.check()  # a signal during validation or saving stops here, with this epoch saved
+                    log.check()  # a signal during validation or saving stops here, with this epoch saved
         except helper.NonFiniteLoss as e:
             raise UserError(f"{e}: training stopped; {self._kept()}") from e
         except Exception as e:
@@ -126,10 +162,13 @@ class Trainer:
                     raise
                 # e.g. a loader worker killed by the same SIGTERM (sent to the whole process group)
                 e = Interrupted(stop.signum)
-            print(f"interrupted by {e.name} ({self._where(log)}); {self._saved()}", file=sys.stderr, flush=True)
+            if self.procs.main:
+                print(f"interrupted by {e.name} ({self._where(log)}); {self._saved()}", file=sys.stderr, flush=True)
             return e.code
         finally:
             log.close()
+        if not self.procs.main:
+            return 0
         print(f"checkpoints: {self.files.last} (last), {self.files.best} (best val mIoU {self.best:.4f})")
         print(f"TensorBoard: tensorboard --logdir {self.args.log_path}")
         return 0
@@ -138,20 +177,27 @@ class Trainer:
         cfg = self.cfg
         log.start_epoch(epoch)
         self.generator.manual_seed(self.args.seed * 1000003 + epoch)  # shuffling and augmentation depend on (seed, epoch) only
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         self.train_ds.set_epoch(epoch)
         t0 = time.time()
-        stats = helper.train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration)
+        stats = helper.train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration,
+                                       self.forward, self.agree if self.procs.active else None)
         bad = first_nonfinite(self.model)
         if bad is not None:
             raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad})")
         log.position = "during validation"
-        cms, example = helper.evaluate(self.model, self.val_loader, self.val_cfg, self.frozen, desc="validation")
+        cms, example = evaluate_shared(self.model, self.val_ds, self.args, self.val_cfg, self.frozen, self.procs,
+                                       desc="validation")
         val = {k: cm.miou() for k, cm in cms.items()}
         log.position = "while saving"
-        self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, val[cfg.stage.main_output],
-                               self.best, self.scaler)
+        score = val[cfg.stage.main_output]
+        if self.procs.main:
+            self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, score, self.best, self.scaler)
+        else:
+            self.best = max(self.best, score)
         self.done = epoch + 1
-        image = helper.example_grid(example, cfg.classes) if example is not None else None
+        image = helper.example_grid(example, cfg.classes) if example is not None and self.procs.main else None
         log.epoch_end(stats, val, self.best, image, time.time() - t0)
 
     def _kept(self) -> str:

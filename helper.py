@@ -56,6 +56,7 @@ class Stage:
     eval_from: str  # --path_* flag of the checkpoint evaluation loads
     frozen_from: str | None  # --path_* flag of the frozen global model (mode 3)
     plain_eval: bool  # evaluation needs only the plain global network
+    one_forward_per_batch: bool  # its training batch is a single micro-batch (--sync_bn is safe)
     scores: Callable  # (model, image, image_global, size_p, sub_batch, frozen) -> Scores
     micro_batches: Callable  # (step, batch) -> the micro-batches of one training batch
     losses: Callable  # (step, micro-batch) -> StepResult: TrainStep.forward
@@ -627,11 +628,14 @@ def accumulate(step: TrainStep, batch: dict[str, Any], cms: dict[str, ConfusionM
 
 def train_one_epoch(
     step: TrainStep, loader, optimizer: torch.optim.Optimizer, epoch: int, scaler=None, on_iteration=None,
-    forward: Callable | None = None,
+    forward: Callable | None = None, agree: Callable[[bool], bool] | None = None,
 ) -> dict[str, float]:
     """One epoch: poly lr per iteration, one optimizer step per batch (gradients summed
     over its micro-batches, see `accumulate`). Returns the mean loss and the train mIoU of
-    each output (at the loss resolution, 1/4)."""
+    each output (at the loss resolution, 1/4), both of this process's batches.
+
+    `forward`: see `accumulate`; `agree(flag)`: whether any process has `flag` (under
+    torchrun, so that a non-finite loss on one process stops all at the same iteration)."""
     cfg = step.cfg
     step.train()
     cms = cfg.confusion_matrices()
@@ -644,10 +648,14 @@ def train_one_epoch(
         with autocast(cfg.device, cfg.amp):
             sums = accumulate(step, batch, cms, forward)
         loss = float(sums["loss"])
-        if not math.isfinite(loss):
+        bad = not math.isfinite(loss)
+        if agree is not None:  # collective: every process calls it every iteration
+            bad = agree(bad)
+        if bad:
             optimizer.zero_grad(set_to_none=True)
             parts = ", ".join(f"{k} {float(v):.4g}" for k, v in sums.items() if k != "loss")
-            raise NonFiniteLoss(f"non-finite loss {loss} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
+            what = f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite loss on another process (here {loss:.4g})"
+            raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
         if scaler is not None:  # fp16: skips the step when gradients overflowed
             scaler.step(optimizer)
             scaler.update()
@@ -690,16 +698,16 @@ STAGES: dict[int, Stage] = {
     1: Stage(
         1, "global", "fpn_deepglobe_global", 120, 5e-5, _GLOBAL_PARTS, ("global",), "global", "size_g",
         init_from=(), backbones=("resnet_global", "resnet_local"), eval_from="path_g", frozen_from=None,
-        plain_eval=True, scores=_scores_global, micro_batches=_micro_whole_batch, losses=_losses_global,
+        plain_eval=True, one_forward_per_batch=True, scores=_scores_global, micro_batches=_micro_whole_batch, losses=_losses_global,
     ),
     2: Stage(
         2, "global2local", "fpn_deepglobe_global2local", 50, 2e-5, _LOCAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_p",
         init_from=(("path_g", True),), backbones=("resnet_local",), eval_from="path_g2l", frozen_from=None,
-        plain_eval=False, scores=_scores_global2local, micro_batches=_micro_global2local, losses=_losses_global2local,
+        plain_eval=False, one_forward_per_batch=False, scores=_scores_global2local, micro_batches=_micro_global2local, losses=_losses_global2local,
     ),
     3: Stage(
         3, "local2global", "fpn_deepglobe_local2global", 120, 5e-5, _GLOBAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_g",
         init_from=(("path_g2l", False),), backbones=(), eval_from="path_l2g", frozen_from="path_g",
-        plain_eval=False, scores=_scores_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
+        plain_eval=False, one_forward_per_batch=True, scores=_scores_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
     ),
 }

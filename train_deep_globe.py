@@ -15,6 +15,7 @@ is helper.STAGES; the runs are engine.py; models are built by utils/build.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -23,7 +24,7 @@ import tempfile
 import traceback
 import warnings
 
-from utils.errors import UserError
+from utils.errors import UserError, error_message, release_frames
 
 
 def _stages() -> dict:
@@ -69,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--task_name", type=str, default=None, help=f"run name: <model_path>/<task_name>.pth, <log_path>/<task_name>/ (default: {_per_mode('task_name')})")
     a("--mode", type=int, choices=sorted(_stages()), default=1, help=", ".join(f"{m}: {s.name}" for m, s in _stages().items()))
     a("--evaluation", action="store_true", help="evaluate on data_path/crossvali instead of training")
-    a("--batch_size", type=int, default=6, help="images per optimizer step")
+    a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
     a("--sub_batch_size", type=int, default=6, help="patches per forward pass")
     a("--size_g", type=int, default=508, help="side of the downsampled global image")
     a("--size_p", type=int, default=508, help="side of the full-resolution patches")
@@ -93,6 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (autocast; fp16 training adds a GradScaler); default fp32, as the original")
     a("--compile", action="store_true", help="torch.compile the ResNets and the global FPN (slow first iterations; checkpoint keys unchanged)")
     a("--keep_patch_maps", type=int, default=1, help="mode-3 training: images of a batch whose per-patch local maps (ps3, 33 MB per 508 px patch) stay in memory; the local branch runs again for the others (--batch_size: keep all, as the original: faster, memory grows with the batch)")
+    a("--sync_bn", action="store_true", help="under torchrun: BatchNorm statistics of the trained parts over all processes' batches (SyncBatchNorm; modes whose batch is one forward)")
+    a("--dist_timeout", type=float, default=600, help="under torchrun: seconds a process waits for the others before it gives up (one of them died)")
     a("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -131,6 +134,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if args.sync_bn and not stage.one_forward_per_batch:
+        raise UserError(f"--sync_bn: mode {args.mode} runs a forward per sub-batch of patches, whose count differs "
+                        "between processes (image sizes), so synchronised BatchNorm could wait forever; leave it out")
     return args
 
 
@@ -188,7 +194,20 @@ def load_datasets(args) -> dict:
 def main(args: argparse.Namespace, explicit: set[str] | None = None, argv: list[str] | None = None) -> int:
     """Run what `args` asks for. `explicit`: the flags given on the command line (for --resume,
     the others come from the interrupted run; None: all count as given); `argv`: the
-    arguments, for the resume hint."""
+    arguments, for the resume hint. Under torchrun, this process joins the others first."""
+    from utils import dist
+
+    args = resolve_args(args)
+    procs = dist.Processes.from_env()
+    device = dist.start(procs, get_device(args.device), args.dist_timeout)
+    try:
+        return _run(args, explicit, argv, procs, device)
+    finally:
+        dist.stop(procs)
+
+
+def _run(args, explicit, argv, procs, device) -> int:
+    """main() once the process group (if any) is up."""
     import torch
 
     import engine
@@ -196,8 +215,6 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None, argv: list[
     from utils import build, run
     from utils.io import write_json
 
-    args = resolve_args(args)
-    device = get_device(args.device)
     files = run.RunFiles.of(args)
     state = None
     if args.resume:
@@ -217,16 +234,21 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None, argv: list[
     build.check_checkpoints_exist(args, stage, resuming=state is not None)
     if not args.evaluation and state is None and stage.backbones:
         build.check_backbone_weights(args.backbone_weights)
-    settings = dict(vars(args), device=str(device))
-    print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    write_json(files.args_json(f"evaluation.{args.split}" if args.evaluation else "train"), settings)
+    settings = dict(vars(args), device=str(device), processes=procs.world, global_batch_size=args.batch_size * procs.world)
+    if procs.main:
+        print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+        write_json(files.args_json(f"evaluation.{args.split}" if args.evaluation else "train"), settings)
     model, frozen = build.build_models(args, stage, device, init=state is None)
+    if args.sync_bn and procs.active:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     build.tune_for_device((model, frozen), device, args.compile)
     cfg = helper.Config.from_args(args, device)
+    if not procs.main:
+        cfg = dataclasses.replace(cfg, progress=False)
     if args.evaluation:
-        return engine.run_evaluation(args, cfg, model, frozen, next(iter(datasets.values())))
+        return engine.run_evaluation(args, cfg, model, frozen, next(iter(datasets.values())), procs)
     command = run.resume_command(__file__, argv)
-    return engine.Trainer(args, cfg, model, frozen, datasets, command).run(state)
+    return engine.Trainer(args, cfg, model, frozen, datasets, command, procs).run(state)
 
 
 def explicit_flags(argv: list[str] | None) -> set[str]:
@@ -235,29 +257,6 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
-
-
-def error_message(e: BaseException) -> str:
-    """The message of `e`; for an error re-raised from a DataLoader worker, the original
-    message without the worker's traceback that torch puts in front of it."""
-    msg = str(e)
-    if "Original Traceback" in msg:
-        marker = f"{type(e).__name__}: "
-        tail = msg.rsplit(marker, 1)[-1] if marker in msg else msg.strip().splitlines()[-1]
-        msg = tail.strip()
-    return msg
-
-
-def release_frames(e: BaseException) -> None:
-    """Clear the locals of the finished frames an exception (and its causes) went through.
-    An error re-raised from a DataLoader worker is in a reference cycle with those frames,
-    which would keep the loader and its worker processes alive until a later garbage
-    collection, which cannot shut them down cleanly (in-process callers, such as tests)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)
-        e = e.__cause__ or e.__context__
 
 
 def cli(argv=None) -> int:

@@ -20,6 +20,7 @@ import torch
 
 from utils import checkpoint
 from utils.checkpoint import atomic_save
+from utils.dist import SINGLE, Processes, any_true
 from utils.errors import UserError
 from utils.io import atomic_copy, remove_stale_temps
 
@@ -238,15 +239,19 @@ def worker_init(_worker_id: int) -> None:
 # ----------------------------------------------------------------------------- logs
 
 class RunLog:
-    """TensorBoard scalars and images and one text line per epoch; also where the run is,
-    for the message of an interruption (`position`)."""
+    """TensorBoard scalars and images and one text line per epoch (written by the main
+    process only); where the run is, for the message of an interruption (`position`); and
+    the stop check at iteration and epoch boundaries, which is collective under torchrun
+    (every process stops at the same boundary when any of them got the signal)."""
 
-    def __init__(self, files: RunFiles, num_epochs: int, iters: int, stop: GracefulStop | None = None) -> None:
+    def __init__(self, files: RunFiles, num_epochs: int, iters: int, stop: GracefulStop | None = None,
+                 procs: Processes = SINGLE, device: torch.device | None = None) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(files.tensorboard)
-        self.text = open(files.log, "a")
+        self.writer = SummaryWriter(files.tensorboard) if procs.main else None
+        self.text = open(files.log, "a") if procs.main else None
         self.num_epochs, self.iters, self.stop = num_epochs, iters, stop
+        self.procs, self.device = procs, device or torch.device("cpu")
         self.epoch, self.position = 0, "before training"
 
     def start_epoch(self, epoch: int) -> None:
@@ -255,19 +260,29 @@ class RunLog:
     def iteration(self, i: int, lr: float, loss: float) -> None:
         """train_one_epoch's on_iteration: loss and lr per iteration, then stop if asked."""
         t = self.epoch * self.iters + i
-        self.writer.add_scalar("train/loss", loss, t)
-        self.writer.add_scalar("train/lr", lr, t)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, t)
+            self.writer.add_scalar("train/lr", lr, t)
         self.position = f"after iteration {i + 1} of {self.iters}"
-        if self.stop is not None:
-            self.stop.check()
+        self.check()
+
+    def check(self) -> None:
+        """Raise Interrupted if this process (or, under torchrun, any process) got SIGINT/SIGTERM."""
+        if self.stop is None:
+            return
+        if any_true(self.procs, self.stop.signum is not None, self.device):
+            raise Interrupted(self.stop.signum or signal.SIGTERM)
 
     def note(self, line: str) -> None:
-        self.text.write(line + "\n")
-        self.text.flush()
+        if self.text is not None:
+            self.text.write(line + "\n")
+            self.text.flush()
 
     def epoch_end(self, stats: dict, val: dict, best: float, image, seconds: float) -> None:
         """The epoch's line (text log and stdout), its train/val mIoUs and an example image."""
         epoch = self.epoch + 1
+        if self.writer is None:
+            return
         line = (
             f"epoch {epoch}/{self.num_epochs} loss {stats['loss']:.4f} "
             + " ".join(f"train_{k[5:]} {v:.4f}" for k, v in stats.items() if k.startswith("miou_"))
@@ -286,5 +301,6 @@ class RunLog:
         self.writer.flush()
 
     def close(self) -> None:
-        self.text.close()
-        self.writer.close()
+        if self.text is not None:
+            self.text.close()
+            self.writer.close()
