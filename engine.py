@@ -98,6 +98,22 @@ def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes
     return 0
 
 
+def wrap_distributed(step: helper.TrainStep):
+    """The step wrapped in DistributedDataParallel: gradients averaged over the processes in
+    the last backward of each batch (helper.accumulate runs the others under no_sync).
+    find_unused_parameters: a stage's forward leaves some trained parameters unused (mode 1:
+    the context layers). Buffers (BatchNorm statistics) are broadcast from the main process
+    at every forward only where a batch is one forward on every process; elsewhere the
+    number of forwards differs between processes and each keeps its own statistics."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = step.cfg.device
+    return DistributedDataParallel(
+        step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+        broadcast_buffers=step.cfg.stage.one_forward_per_batch,
+    )
+
+
 class Trainer:
     """One training run: the epochs left, each followed by validation, checkpoints
     (utils.run.save_epoch) and its log line. SIGINT/SIGTERM stop it at the next iteration
@@ -116,17 +132,9 @@ class Trainer:
         self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
         self.step = helper.TrainStep(model, cfg, frozen, self.scaler)
-        self.forward = self._distributed(self.step) if procs.active else self.step
+        self.forward = wrap_distributed(self.step) if procs.active else self.step
         self.val_cfg = dataclasses.replace(cfg, tta=False, progress=cfg.progress and procs.main)  # as the original: no TTA
         self.start, self.done, self.best = 0, 0, -1.0  # done: epochs in the resume file
-
-    def _distributed(self, step):
-        """The step wrapped for gradient synchronisation. find_unused_parameters: a stage's
-        forward leaves some trained parameters unused (mode 1: the context layers)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.cfg.device.index] if self.cfg.device.type == "cuda" else None
-        return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
 
     def agree(self, flag: bool) -> bool:
         return dist.any_true(self.procs, flag, self.cfg.device)

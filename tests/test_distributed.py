@@ -1,0 +1,123 @@
+"""Several processes (torch.distributed, gloo on the CPU, 2 processes): gradients are
+synchronised exactly once per optimizer step in every mode, even when the processes cut their
+batches into different numbers of micro-batches; torchrun runs of train_deep_globe.py write
+their files once and score evaluation exactly as one process does."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+# rank 0: one 160 x 160 image (4 patches of 128 px: 2 sub-batches of 2); rank 1: one 128 x 200
+# image (2 patches: 1 sub-batch) -> in mode 2 the ranks run 2 and 1 micro-batches per step.
+RANK_SIZES = [[(160, 160)], [(128, 200)]]
+
+
+def _batch(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes],
+        "label": [torch.randint(0, 7, (h, w), dtype=torch.uint8, generator=g) for h, w in sizes],
+        "image_global": torch.rand(len(sizes), 3, 64, 64, generator=g),
+        "label_global": torch.randint(0, 7, (len(sizes), 16, 16), generator=g),
+    }
+
+
+def _worker(rank, world, store, mode, synchronise, out):
+    import engine
+    import helper
+    from models import GLNet
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+        model = GLNet(7)
+        frozen = GLNet(7, local=False, context=False).eval()
+        stage = helper.STAGES[mode]
+        optimizer = helper.make_optimizer(helper.configure_stage(model, stage), 1e-3)
+        cfg = helper.Config(stage, torch.device("cpu"), 7, 128, 2, num_epochs=1, progress=False)
+        step = helper.TrainStep(model, cfg, frozen if stage.frozen_from else None)
+        forward = engine.wrap_distributed(step) if synchronise else step
+        batches = [_batch(RANK_SIZES[rank], 10 * rank + k) for k in range(2)]  # different images per rank
+        helper.train_one_epoch(step, batches, optimizer, 0, forward=forward)
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_two_ranks(tmp_path, mode, synchronise):
+    out = tmp_path / f"params_{mode}_{synchronise}"
+    mp.spawn(_worker, args=(2, str(tmp_path / f"store_{mode}_{synchronise}"), mode, synchronise, str(out)), nprocs=2)
+    return torch.load(f"{out}.0"), torch.load(f"{out}.1")
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_every_rank_holds_the_same_weights_after_two_steps(tmp_path, mode):
+    a, b = _train_two_ranks(tmp_path, mode, synchronise=True)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_without_synchronisation_the_ranks_differ(tmp_path):
+    """The check above can fail: the same two steps without the DDP wrapper leave each rank
+    with weights of its own images."""
+    a, b = _train_two_ranks(tmp_path, 2, synchronise=False)
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def _torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "train_deep_globe.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(synthetic_data, tmp_path_factory):
+    data, _ = synthetic_data(n_train=2, n_val=3, n_test=0, size=160, seed=8)
+    root = tmp_path_factory.mktemp("torchrun")
+    common = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", 1,
+              "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+              "--num_workers", 0, "--path_g", "g.pth"]
+    train = _torchrun(*common, "--task_name", "g", "--num_epochs", 1, "--batch_size", 1)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluation = _torchrun(*common, "--task_name", "ev2", "--evaluation", "--predictions_dir", root / "p2")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    from conftest import run_cli
+
+    single = run_cli(*common, "--task_name", "ev1", "--evaluation", "--predictions_dir", root / "p1")
+    assert single[0] == 0, single[2]
+    yield {"root": root, "train": train, "evaluation": evaluation}
+    for p in (root / "models").glob("*.pth"):
+        p.unlink()
+
+
+def test_torchrun_training_writes_its_files_once(torchrun_runs):
+    root = torchrun_runs["root"]
+    lines = (root / "runs" / "g.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1 "), lines
+    assert torchrun_runs["train"].stdout.count("epoch 1/1 ") == 1  # printed by one process
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["g.best.pth", "g.pth", "g.resume.pth"]
+    args = json.loads((root / "runs" / "g.train.args.json").read_text())
+    assert args["processes"] == 2 and args["batch_size"] == 1 and args["global_batch_size"] == 2
+
+
+def test_torchrun_evaluation_scores_as_one_process(torchrun_runs):
+    root = torchrun_runs["root"]
+    two = json.loads((root / "runs" / "ev2.crossvali.metrics.json").read_text())
+    one = json.loads((root / "runs" / "ev1.crossvali.metrics.json").read_text())
+    assert two == one
+    # every image predicted once, the same masks
+    names = sorted(p.name for p in (root / "p1").iterdir())
+    assert len(names) == 3 and sorted(p.name for p in (root / "p2").iterdir()) == names
+    for name in names:
+        assert (root / "p1" / name).read_bytes() == (root / "p2" / name).read_bytes(), name
