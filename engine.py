@@ -11,6 +11,7 @@ processes, and the main process alone writes checkpoints, logs and metrics.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
 import time
@@ -108,9 +109,12 @@ def wrap_distributed(step: helper.TrainStep):
     from torch.nn.parallel import DistributedDataParallel
 
     device = step.cfg.device
+    sync = step.cfg.stage.one_forward_per_batch
+    # newer torch names it forward_sync_buffers (broadcast_buffers is deprecated there)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    buffers = {"forward_sync_buffers": sync} if "forward_sync_buffers" in params else {"broadcast_buffers": sync}
     return DistributedDataParallel(
-        step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
-        broadcast_buffers=step.cfg.stage.one_forward_per_batch,
+        step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True, **buffers,
     )
 
 

@@ -31,4 +31,9 @@ if [[ -n "${TASK_NAME:-}" ]]; then args+=(--task_name "$TASK_NAME"); fi
 if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
 
+# NPROC=N: N processes on this machine under torchrun (one per GPU; gloo processes on a CPU)
+if [[ -n "${NPROC:-}" ]]; then
+    exec "${python[@]}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+        train_deep_globe.py "${args[@]}" "$@"
+fi
 exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"

@@ -30,4 +30,9 @@ if [[ -n "${BACKBONE_WEIGHTS:-}" ]]; then args+=(--backbone_weights "$BACKBONE_W
 if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
 if [[ -n "${SEED:-}" ]]; then args+=(--seed "$SEED"); fi
 
+# NPROC=N: N processes on this machine under torchrun (one per GPU; gloo processes on a CPU)
+if [[ -n "${NPROC:-}" ]]; then
+    exec "${python[@]}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+        train_deep_globe.py "${args[@]}" "$@"
+fi
 exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"
