@@ -144,17 +144,22 @@ class Trainer:
         return dist.any_true(self.procs, flag, self.cfg.device)
 
     def restore(self, state: dict | None) -> None:
-        for name in self.files.remove_stale_temps():
-            print(f"removed {name}, left by an interrupted write")
+        """Every process restores the resume file (model, optimizer, RNG); the main process
+        alone tidies and reports."""
+        say = print if self.procs.main else (lambda *a, **k: None)
+        if self.procs.main:
+            for name in self.files.remove_stale_temps():
+                say(f"removed {name}, left by an interrupted write")
         if state is not None:
             self.start, self.best = restore_training(self.model, self.optimizer, state, self.files.resume, self.scaler)
             self.done = self.start
-            print(f"resumed from {self.files.resume}: {self.start} of {self.cfg.num_epochs} epochs done, best mIoU {self.best:.4f}")
+            say(f"resumed from {self.files.resume}: {self.start} of {self.cfg.num_epochs} epochs done, best mIoU {self.best:.4f}")
 
     def run(self, state: dict | None = None) -> int:
         self.restore(state)
         if self.start >= self.cfg.num_epochs:
-            print(f"nothing to do: all {self.cfg.num_epochs} epochs are done (a larger --num_epochs trains on)")
+            if self.procs.main:
+                print(f"nothing to do: all {self.cfg.num_epochs} epochs are done (a larger --num_epochs trains on)")
             return 0
         stop = GracefulStop()
         log = RunLog(self.files, self.cfg.num_epochs, len(self.train_loader), stop, self.procs, self.cfg.device)

@@ -74,9 +74,9 @@ def test_without_synchronisation_the_ranks_differ(tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 
-def _torchrun(*args, nproc=2):
+def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "train_deep_globe.py"), *map(str, args)]
+           str(script), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
@@ -121,3 +121,49 @@ def test_torchrun_evaluation_scores_as_one_process(torchrun_runs):
     assert len(names) == 3 and sorted(p.name for p in (root / "p2").iterdir()) == names
     for name in names:
         assert (root / "p1" / name).read_bytes() == (root / "p2" / name).read_bytes(), name
+
+
+# train_deep_globe.py with one change: the main process sends itself SIGTERM right after it
+# saved the first epoch (the other process gets no signal).
+SIGTERM_AFTER_FIRST_SAVE = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import engine, train_deep_globe
+real_save = engine.save_epoch
+def save_epoch(*a, **k):
+    out = real_save(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+engine.save_epoch = save_epoch
+sys.exit(train_deep_globe.cli(sys.argv[1:]))
+"""
+
+
+def test_torchrun_stop_on_one_process_stops_all_and_resume_continues(synthetic_data, tmp_path):
+    """SIGTERM reaching one process after epoch 1: both stop at that epoch's end (one resume
+    file, one message); --resume under torchrun then ends with the weights of a run that
+    was never stopped."""
+    from conftest import load_state
+
+    data, _ = synthetic_data(n_train=4, n_val=1, n_test=0, size=160, seed=9)
+    common = ["--data_path", data, "--model_path", tmp_path / "models", "--log_path", tmp_path / "runs", "--mode", 1,
+              "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+              "--num_workers", 0, "--batch_size", 1, "--num_epochs", 2]
+    straight = _torchrun(*common, "--task_name", "a")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    hook = tmp_path / "stop_after_first_save.py"
+    hook.write_text(SIGTERM_AFTER_FIRST_SAVE)
+    stopped = _torchrun(*common, "--task_name", "b", script=hook)
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("interrupted by SIGTERM (after epoch 1)") == 1, stopped.stderr[-3000:]
+    assert load_state(tmp_path / "models" / "b.resume.pth")["epoch"] == 1
+    assert len((tmp_path / "runs" / "b.log").read_text().splitlines()) == 1
+    resumed = _torchrun(*common, "--task_name", "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1  # said once, by the main process
+    a, b = load_state(tmp_path / "models" / "a.pth"), load_state(tmp_path / "models" / "b.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for p in (tmp_path / "models").glob("*.pth"):
+        p.unlink()
