@@ -167,3 +167,41 @@ def test_torchrun_stop_on_one_process_stops_all_and_resume_continues(synthetic_d
         assert torch.equal(a[k], b[k]), k
     for p in (tmp_path / "models").glob("*.pth"):
         p.unlink()
+
+
+def test_torchrun_a_killed_process_ends_the_run_and_resume_continues(synthetic_data, tmp_path):
+    """kill -9 of one of two processes mid-training: torchrun's agent stops the other at
+    once (well within the 60 s allowed here; --dist_timeout bounds any wait otherwise) and
+    --resume continues from the last saved epoch."""
+    import signal
+    import time
+
+    data, _ = synthetic_data(n_train=4, n_val=1, n_test=0, size=160, seed=9)
+    common = ["--data_path", data, "--model_path", tmp_path / "models", "--log_path", tmp_path / "runs", "--mode", 1,
+              "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+              "--num_workers", 0, "--batch_size", 1, "--task_name", "k"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_deep_globe.py"), *map(str, common), "--num_epochs", "100"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = tmp_path / "runs" / "k.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and log.read_text().strip()):
+        time.sleep(0.5)
+    assert log.is_file() and log.read_text().strip(), "no epoch finished"
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60 and proc.returncode != 0
+    assert "SIGKILL" in err
+    def epochs():
+        return [line for line in log.read_text().splitlines() if line.startswith("epoch ")]
+
+    done = len(epochs())
+    resumed = _torchrun(*common, "--num_epochs", done + 1, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(epochs()) == done + 1 and epochs()[-1].startswith(f"epoch {done + 1}/{done + 1} ")
+    for p in (tmp_path / "models").glob("*.pth"):
+        p.unlink()
