@@ -15,6 +15,12 @@ are run but not timed.
 With several modes, each one runs in its own subprocess, so that the peak memory of one
 stage does not carry over to the next. A table is printed and one JSON line per stage is
 appended to --results.
+
+Under torchrun (one mode), every process trains on its own synthetic batch (seed + rank)
+through the DistributedDataParallel wrapper that training uses (engine.wrap_distributed);
+the main process reports its s/iter, the images/s of all processes together and its memory:
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --mode 1 --device cpu --threads 1
 """
 from __future__ import annotations
 
@@ -128,9 +134,9 @@ class IterationTimer:
     the time from the previous step's end (or the epoch's start) to this one's, the device
     synchronised at both ends."""
 
-    def __init__(self, mode: int, device, step, optimizer, batch, precision: str) -> None:
+    def __init__(self, mode: int, device, step, optimizer, batch, precision: str, forward=None) -> None:
         self.mode, self.device, self.precision = mode, device, precision
-        self.step, self.optimizer, self.batch = step, optimizer, batch
+        self.step, self.optimizer, self.batch, self.forward = step, optimizer, batch, forward
         self.phase = "warm-up"  # printed with each iteration
         self.times: list[float] = []
         self.last = 0.0
@@ -149,7 +155,8 @@ class IterationTimer:
         B.synchronize(self.device)
         self.last = time.perf_counter()
         with B.autocast(self.device, self.precision):
-            helper.train_one_epoch(self.step, [self.batch] * n, self.optimizer, 0, on_iteration=self.on_iteration)
+            helper.train_one_epoch(self.step, [self.batch] * n, self.optimizer, 0, on_iteration=self.on_iteration,
+                                   forward=self.forward)
 
 
 def stage_results(args, times: list[float], params, build_s: float, rss_after_build, hwm_reset: bool,
@@ -173,17 +180,20 @@ def stage_results(args, times: list[float], params, build_s: float, rss_after_bu
     }
 
 
-def run_stage(args, mode: int, device) -> dict:
-    """Warm-up, then the timed iterations of one stage; returns the figures."""
+def run_stage(args, mode: int, device, procs=None) -> dict:
+    """Warm-up, then the timed iterations of one stage; returns the figures. Under torchrun
+    (`procs` active) the step runs through the DistributedDataParallel wrapper."""
     import torch
 
+    import engine
     import helper  # noqa: F401  (imported before the setup is timed, as the setup uses it)
 
     t0 = time.perf_counter()
     step, params, optimizer, batch = setup_stage(args, mode, device)
+    forward = engine.wrap_distributed(step) if procs is not None and procs.active else None
     build_s = time.perf_counter() - t0
     rss_after_build = B.current_rss_mib()
-    timer = IterationTimer(mode, device, step, optimizer, batch, args.precision)
+    timer = IterationTimer(mode, device, step, optimizer, batch, args.precision, forward)
     h, w = args.image_size
     print(f"mode {mode}: batch {args.batch_size} of {h}x{w}, size_g {args.size_g}, size_p {args.size_p}, "
           f"sub-batch {args.sub_batch_size}, on {device} ({args.precision}, {torch.get_num_threads()} threads)", flush=True)
@@ -200,8 +210,9 @@ def run_stage(args, mode: int, device) -> dict:
 
 COLUMNS = [
     ("mode", "mode"), ("batch", "batch_size"), ("image", "image"), ("g/p", "gp"), ("sub", "sub_batch_size"),
-    ("device", "device"), ("prec", "precision"), ("thr", "threads"), ("iters", "iters"),
+    ("device", "device"), ("prec", "precision"), ("thr", "threads"), ("procs", "processes"), ("iters", "iters"),
     ("s/iter", "seconds_per_iter"), ("median", "seconds_per_iter_median"), ("img/s", "images_per_second"),
+    ("img/s all", "images_per_second_all_processes"),
     ("peak RSS MiB", "peak_rss_mib"), ("timed peak MiB", "timed_peak_rss_mib"), ("CUDA max MiB", "cuda_max_allocated_mib"),
 ]
 
@@ -245,10 +256,30 @@ def main(argv=None) -> int:
     device = B.setup_torch(args.device, args.threads)
     import torch
 
+    from utils import dist
+
+    procs = dist.Processes.from_env()
+    if procs.active:
+        if len(modes) > 1:
+            p.error("under torchrun, give one --mode")
+        device = dist.start(procs, device, 600)
+        args.seed += procs.rank  # each process its own images
+    try:
+        return report(args, modes, device, procs, torch.get_num_threads())
+    finally:
+        dist.stop(procs)
+
+
+def report(args, modes, device, procs, threads: int) -> int:
+    """Run the stages in this process; the main process prints the table and appends the records."""
     h, w = args.image_size
     rows = []
     for mode in modes:
-        results = run_stage(args, mode, device)
+        results = run_stage(args, mode, device, procs)
+        results["processes"] = procs.world
+        results["images_per_second_all_processes"] = results["images_per_second"] * procs.world
+        if not procs.main:
+            continue
         record = {
             "benchmark": "train",
             "date": B.now(),
@@ -257,7 +288,7 @@ def main(argv=None) -> int:
             "config": {
                 "mode": mode, "batch_size": args.batch_size, "sub_batch_size": args.sub_batch_size,
                 "image_size": [h, w], "size_g": args.size_g, "size_p": args.size_p, "n_class": args.n_class,
-                "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
+                "device": str(device), "precision": args.precision, "threads": threads, "processes": procs.world,
                 "channels_last": args.channels_last, "iters": args.iters, "warmup": args.warmup,
                 "isolated": args._record is not None or len(modes) == 1,
             },
@@ -268,9 +299,10 @@ def main(argv=None) -> int:
             with open(args._record, "w") as f:
                 json.dump(record, f)
         rows.append(table_row(record))
-    print()
-    print(B.format_table(rows, COLUMNS))
-    print(f"appended to {args.results}")
+    if procs.main:
+        print()
+        print(B.format_table(rows, COLUMNS))
+        print(f"appended to {args.results}")
     return 0
 
 
