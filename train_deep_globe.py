@@ -240,6 +240,8 @@ def _run(args, explicit, argv, procs, device) -> int:
         write_json(files.args_json(f"evaluation.{args.split}" if args.evaluation else "train"), settings)
     model, frozen = build.build_models(args, stage, device, init=state is None)
     if args.sync_bn and procs.active:
+        if device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors in training
+            raise UserError("--sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU); leave it out")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     build.tune_for_device((model, frozen), device, args.compile)
     cfg = helper.Config.from_args(args, device)
