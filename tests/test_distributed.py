@@ -205,3 +205,16 @@ def test_torchrun_a_killed_process_ends_the_run_and_resume_continues(synthetic_d
     assert len(epochs()) == done + 1 and epochs()[-1].startswith(f"epoch {done + 1}/{done + 1} ")
     for p in (tmp_path / "models").glob("*.pth"):
         p.unlink()
+
+
+def test_sync_bn_refusals(synthetic_data, cli, tmp_path):
+    """--sync_bn is refused where it could not work: mode 2 (a different number of forwards
+    per process) and CPU processes (torch's SyncBatchNorm needs GPUs); one line each."""
+    data, _ = synthetic_data(n_train=2, n_val=1, n_test=0, size=160, seed=8)
+    common = ["--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r", "--size_g", 64,
+              "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu", "--num_workers", 0,
+              "--sync_bn"]
+    rc, out, err = cli("--mode", 2, *common)
+    assert rc == 2 and "--sync_bn: mode 2" in err and err.strip().count("\n") == 0
+    two = _torchrun("--mode", 1, *common)
+    assert two.returncode != 0 and "--sync_bn needs CUDA devices" in two.stderr
