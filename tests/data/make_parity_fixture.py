@@ -6,8 +6,11 @@ It uses the APIs of that commit and is kept for provenance, not run by the tests
 
     git worktree add /tmp/base 7e34ebe && cd /tmp/base && python /path/to/make_parity_fixture.py OUT.pt
 
-Inputs are random (torch generators with fixed seeds) and stored in the file with the outputs.
+Inputs are random (torch generators with fixed seeds): the file holds their sha256 digests
+(the test makes them again from the seeds and checks the digests), not the inputs themselves.
+TTA class maps are stored as uint8 (classes 0..6: the same values as the int64 maps).
 """
+import hashlib
 import sys
 
 import numpy as np
@@ -48,6 +51,14 @@ def batch_of(samples):
     return out
 
 
+def digest(t):
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest(), tuple(t.shape), str(t.dtype)
+
+
+def digests(samples):
+    return [{k: digest(v) for k, v in smp.items() if isinstance(v, torch.Tensor)} for smp in samples]
+
+
 def models(seed):
     torch.manual_seed(seed)
     model = GLNet(7).eval()
@@ -60,7 +71,7 @@ def main(out):
     fixture = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "size_g": SIZE_G, "size_p": SIZE_P, "sub_batch": SUB}
     samples = [sample(h, w, 100 + i) for i, (h, w) in enumerate(IMAGE_SIZES)]
-    fixture["eval_samples"] = samples
+    fixture["eval_digests"] = digests(samples)
     model, frozen = models(11)
     scores = {}
     for mode in (1, 2, 3):
@@ -68,8 +79,8 @@ def main(out):
             sc = helper.predict_scores(model, mode, s["image"], s["image_global"][None], SIZE_P, SUB, frozen)
             scores[(mode, i)] = {"global": sc.global_, "local": sc.local, "aggregated": sc.aggregated, "stride": sc.stride}
     fixture["scores"] = scores
-    fixture["tta_mode3_image0"] = helper.predict(
-        model, 3, samples[0]["image"], samples[0]["image_global"][None], SIZE_P, SUB, frozen, tta=True)
+    tta = helper.predict(model, 3, samples[0]["image"], samples[0]["image_global"][None], SIZE_P, SUB, frozen, tta=True)
+    fixture["tta_mode3_image0"] = {k: v.to(torch.uint8) for k, v in tta.items()}
     cms = {}
     for mode in (1, 2, 3):
         loader = [batch_of(samples[:2]), batch_of(samples[2:])]
@@ -79,7 +90,7 @@ def main(out):
 
     train = [sample(h, w, 200 + i) for i, (h, w) in enumerate(TRAIN_SIZES)]
     train2 = [sample(h, w, 300 + i) for i, (h, w) in enumerate(reversed(TRAIN_SIZES))]
-    fixture["train_samples"] = [train, train2]
+    fixture["train_digests"] = [digests(train), digests(train2)]
     training = {}
     for mode in (1, 2, 3):
         model, frozen = models(21)
