@@ -519,14 +519,16 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     model, cfg = step.model, step.cfg
     ig, lg = step.to_device(batch["image_global"]), step.to_device(batch["label_global"])
     images = [step.to_device(x) for x in batch["image"]]
-    labels = [step.to_device(x) for x in batch["label"]]
     grids = [PatchGrid.for_size(*x.shape[-2:], cfg.size_p) for x in images]
+    # per image, the labels of each sub-batch of patches (at 1/4), used by both passes
+    targets = [[patch_labels(step.to_device(label), grid, index) for index in sub_batches(len(grid), cfg.sub_batch)]
+               for label, grid in zip(batch["label"], grids)]
     keep = [b >= len(images) - max(cfg.keep_patch_maps, 1) for b in range(len(images))]
     contexts, scored, kept = [], [], {}
-    for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
+    for b, (image, grid) in enumerate(zip(images, grids)):
         lp = _local_pass(step, ig[b : b + 1], image, grid, keep="ps3" if keep[b] else None)
-        for index in sub_batches(len(grid), cfg.sub_batch):
-            scored.append(("local", patch_labels(label, grid, index), step.to_device(lp.outputs[index]).argmax(1)))
+        for index, y in zip(sub_batches(len(grid), cfg.sub_batch), targets[b]):
+            scored.append(("local", y, step.to_device(lp.outputs[index]).argmax(1)))
         contexts.append(lp.context.context())
         if keep[b]:
             kept[b] = lp.ps3
@@ -541,11 +543,10 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     conv = model.ensemble_conv
     grads = _GradSum([ps3_g, conv.weight, conv.bias])
     total, focal_ens = loss_g.detach().clone(), torch.zeros((), device=cfg.device)
-    for b, (image, label, grid) in enumerate(zip(images, labels, grids)):
+    for b, (image, grid) in enumerate(zip(images, grids)):
         ps3_local = _ps3_kept(kept.pop(b), grid, cfg.sub_batch) if keep[b] else \
             _ps3_again(step, ig[b : b + 1], image, grid)
-        for index, ps3_l in ps3_local:
-            y = patch_labels(label, grid, index)
+        for (index, ps3_l), y in zip(ps3_local, targets[b]):
             ens = local2global_ensemble(model, ps3_g[b : b + 1], grid, index, ps3_local=step.to_device(ps3_l))
             loss = focal_loss(ens, y)
             grads.add(step.scale(loss))
