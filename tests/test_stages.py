@@ -96,6 +96,22 @@ def process_group(tmp_path):
     dist.destroy_process_group()
 
 
+def _two_copies(glnet, mode):
+    """Two identical models set up for the stage (and its frozen model, and one batch)."""
+    stage = helper.STAGES[mode]
+    frozen = GLNet(7, local=False, context=False).eval() if stage.frozen_from else None
+    helper.configure_stage(glnet, stage)
+    return glnet, copy.deepcopy(glnet), frozen, _batch([(160, 160), (128, 200)])
+
+
+def _step_grads(model, mode, frozen, batch, scaler=None, wrap=None):
+    """The gradients of one batch through the stage's TrainStep (wrapped by `wrap`)."""
+    step = helper.TrainStep(model, _cfg(mode), frozen, scaler).train()
+    model.eval()  # BatchNorm in eval: every run sees the same statistics
+    helper.accumulate(step, batch, step.cfg.confusion_matrices(), wrap(step) if wrap else None)
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_train_step_under_distributed_data_parallel(glnet, process_group, mode):
     """DistributedDataParallel wraps the TrainStep: each micro-batch is one forward of the
@@ -103,20 +119,11 @@ def test_train_step_under_distributed_data_parallel(glnet, process_group, mode):
     alone (one process: the all-reduced mean is the gradient itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    stage = helper.STAGES[mode]
-    frozen = GLNet(7, local=False, context=False).eval() if stage.frozen_from else None
-    helper.configure_stage(glnet, stage)
-    ref_model = copy.deepcopy(glnet)
-    batch = _batch([(160, 160), (128, 200)])
-    grads = []
-    for model, wrap in ((ref_model, False), (glnet, True)):
-        step = helper.TrainStep(model, _cfg(mode), frozen).train()
-        model.eval()  # BatchNorm in eval: the two runs see the same statistics
-        # trained parameters that a stage's forward does not use (e.g. mode 1's context layers)
-        forward = DistributedDataParallel(step, find_unused_parameters=True) if wrap else step
-        helper.accumulate(step, batch, step.cfg.confusion_matrices(), forward)
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    ref, got = grads
+    plain, wrapped, frozen, batch = _two_copies(glnet, mode)
+    ref = _step_grads(plain, mode, frozen, batch)
+    # trained parameters that a stage's forward does not use (e.g. mode 1's context layers)
+    got = _step_grads(wrapped, mode, frozen, batch,
+                      wrap=lambda step: DistributedDataParallel(step, find_unused_parameters=True))
     assert ref.keys() == got.keys() and len(ref) > 0
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
@@ -134,17 +141,8 @@ def test_fp16_loss_scale_is_applied_once(glnet, mode):
     """With a GradScaler the step scales its objective itself (mode 3: also the ensemble
     losses whose gradients it sums); train_one_epoch does not scale again. The gradients
     are 8x those of the unscaled step, not 64x."""
-    stage = helper.STAGES[mode]
-    frozen = GLNet(7, local=False, context=False).eval() if stage.frozen_from else None
-    helper.configure_stage(glnet, stage)
-    other = copy.deepcopy(glnet)
-    batch = _batch([(160, 160), (128, 200)])
-    grads = []
-    for model, scaler in ((glnet, None), (other, _TimesEight())):
-        step = helper.TrainStep(model, _cfg(mode), frozen, scaler).train()
-        model.eval()
-        helper.accumulate(step, batch, step.cfg.confusion_matrices())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    first, second, frozen, batch = _two_copies(glnet, mode)
+    grads = [_step_grads(first, mode, frozen, batch), _step_grads(second, mode, frozen, batch, _TimesEight())]
     plain, scaled = grads
     assert plain.keys() == scaled.keys() and plain
     for n in plain:
