@@ -1,7 +1,8 @@
-"""DeepGlobe land-cover dataset in the GLNet layout (GLNET_SPEC.md sections 6 and 8).
+"""The GLNet folder layout (GLNET_SPEC.md sections 6 and 8), DeepGlobe's and any other data set's.
 
-    data_path/<split>/Sat/<id>_sat.jpg     RGB image
-    data_path/<split>/Label/<id>_mask.png  single-channel class indices (0..6)
+    data_path/<split>/Sat/<id>_sat.<ext>   RGB image, ext one of .jpg .jpeg .png .tif .tiff
+                                           (DeepGlobe: .jpg); one file per id
+    data_path/<split>/Label/<id>_mask.png  single-channel class indices (0..6 for DeepGlobe)
 
 Each sample carries the full-resolution image as a uint8 tensor (patches are
 sliced from it on the model's device), the global image (PIL bilinear resize of
@@ -30,7 +31,9 @@ from torch.utils.data import Dataset
 from dataset.classes import IGNORE_LABEL, class_table
 from utils.errors import UserError
 
-SAT_SUFFIX = "_sat.jpg"
+SAT_SUFFIX = "_sat.jpg"  # DeepGlobe's image names
+SAT_STEM = "_sat"
+SAT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # compared lower-case
 MASK_SUFFIX = "_mask.png"
 PREPARE_HINT = "convert the download with: python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT"
 
@@ -45,14 +48,33 @@ def split_dir(data_path: str, split: str) -> str:
     return path
 
 
-def find_ids(folder: str, with_labels: bool) -> list[str]:
-    """Sorted ids of `folder`/Sat; with labels, every image needs its mask and vice versa."""
+def image_id(name: str) -> str | None:
+    """'<id>_sat.<ext>' -> id for an image extension of SAT_EXTENSIONS, else None."""
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in SAT_EXTENSIONS and stem.endswith(SAT_STEM) and len(stem) > len(SAT_STEM):
+        return stem[: -len(SAT_STEM)]
+    return None
+
+
+def find_images(folder: str, with_labels: bool) -> dict[str, str]:
+    """{id: image file name} of `folder`/Sat, sorted by id; with labels, every image needs its
+    mask and vice versa. One id with two image files (a.jpg and a.png) is an error."""
     sat = os.path.join(folder, "Sat")
     if not os.path.isdir(sat):
-        raise UserError(f"image folder not found: {sat} (expected <data_path>/<split>/Sat/<id>_sat.jpg)")
-    ids = sorted(f[: -len(SAT_SUFFIX)] for f in os.listdir(sat) if f.endswith(SAT_SUFFIX))
-    if not ids:
-        raise UserError(f"no *{SAT_SUFFIX} images in {sat}")
+        raise UserError(f"image folder not found: {sat} (expected <data_path>/<split>/Sat/<id>_sat.jpg, "
+                        f"or .jpeg .png .tif .tiff)")
+    files: dict[str, str] = {}
+    for name in sorted(os.listdir(sat)):
+        id_ = image_id(name)
+        if id_ is None:
+            continue
+        if id_ in files:
+            raise UserError(f"two images for id {id_!r} in {sat}: {files[id_]} and {name}; keep one")
+        files[id_] = name
+    if not files:
+        raise UserError(f"no *{SAT_SUFFIX} images in {sat} (nor *_sat.jpeg .png .tif .tiff)")
+    files = dict(sorted(files.items()))
+    ids = list(files)
     if with_labels:
         lab = os.path.join(folder, "Label")
         if not os.path.isdir(lab):
@@ -61,16 +83,21 @@ def find_ids(folder: str, with_labels: bool) -> list[str]:
         no_mask = [i for i in ids if i not in masks]
         if no_mask:
             raise UserError(
-                f"image without label: {os.path.join(sat, no_mask[0] + SAT_SUFFIX)} has no "
+                f"image without label: {os.path.join(sat, files[no_mask[0]])} has no "
                 f"{os.path.join(lab, no_mask[0] + MASK_SUFFIX)} ({len(no_mask)} such images)"
             )
         no_image = sorted(masks - set(ids))
         if no_image:
             raise UserError(
                 f"label without image: {os.path.join(lab, no_image[0] + MASK_SUFFIX)} has no "
-                f"{os.path.join(sat, no_image[0] + SAT_SUFFIX)} ({len(no_image)} such labels)"
+                f"{os.path.join(sat, no_image[0] + SAT_STEM)}.<ext> ({len(no_image)} such labels)"
             )
-    return ids
+    return files
+
+
+def find_ids(folder: str, with_labels: bool) -> list[str]:
+    """Sorted ids of `folder`/Sat (see `find_images`)."""
+    return list(find_images(folder, with_labels))
 
 
 def _unreadable(path: str, e: Exception) -> UserError:
@@ -210,7 +237,8 @@ class DeepGlobe(Dataset):
         self.root = split_dir(data_path, split)
         if not os.path.isdir(self.root):
             raise UserError(f"data split not found: {self.root}")
-        self.ids = find_ids(self.root, labels)
+        self.files = find_images(self.root, labels)
+        self.ids = list(self.files)
         self.size_g, self.size_p, self.n_class = size_g, size_p, n_class
         self.classes = class_table(n_class)
         self.labels, self.train, self.seed = labels, train, seed
@@ -243,7 +271,7 @@ class DeepGlobe(Dataset):
         self.epoch = epoch
 
     def image_path(self, id_: str) -> str:
-        return os.path.join(self.root, "Sat", id_ + SAT_SUFFIX)
+        return os.path.join(self.root, "Sat", self.files[id_])
 
     def label_path(self, id_: str) -> str:
         return os.path.join(self.root, "Label", id_ + MASK_SUFFIX)
