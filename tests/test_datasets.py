@@ -49,3 +49,121 @@ def test_image_without_label_names_its_real_file(tmp_path):
     _pair(tmp_path, "b", ".tif", mask=False)
     with pytest.raises(UserError, match=r"b_sat\.tif has no .*b_mask\.png"):
         find_ids(str(tmp_path / "train"), True)
+
+
+# ----------------------------------------------------------------------------- class tables
+
+from dataset.classes import DEEPGLOBE, INRIA, ISIC, ClassTable, load_class_table  # noqa: E402
+
+ROADS_JSON = """{
+  "name": "roads",
+  "classes": [
+    {"name": "background", "color": [0, 0, 0], "values": [0], "miou": false},
+    {"name": "road", "color": [255, 128, 0], "values": [1, 200]},
+    {"name": "path", "color": [0, 128, 255], "values": 2}
+  ],
+  "ignore_values": [99],
+  "ignore_colors": [[255, 0, 255]]
+}"""
+
+
+def test_json_table(tmp_path):
+    path = tmp_path / "roads.json"
+    path.write_text(ROADS_JSON)
+    t = load_class_table(path)
+    assert t.names == ("background", "road", "path")
+    assert t.colors == ((0, 0, 0), (255, 128, 0), (0, 128, 255))
+    assert t.values == ((0,), (1, 200), (2,)) and t.ignore_values == (99,)
+    assert t.ignore_colors == ((255, 0, 255),) and t.miou_classes == (1, 2)
+    assert "roads" in t.name and str(path) in t.name
+    classes, bad = t.decode_values(np.array([[0, 1, 200, 2, 99]], np.uint8))
+    assert bad is None and classes.tolist() == [[0, 1, 1, 2, 255]]
+
+
+def test_json_table_of_names_only(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"classes": ["sea", "land"]}')
+    t = load_class_table(path)
+    assert t.names == ("sea", "land") and t.values == ((0,), (1,)) and t.ignore_values == (255,)
+    assert t.miou_classes == (0, 1) and len(set(t.colors)) == 2  # every class counts; colours made up
+
+
+def test_csv_table_with_values_and_miou(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("name,r,g,b,values,miou\nbackground,0,0,0,0,no\nbuilding,255,255,255,1;255,yes\n")
+    t = load_class_table(path)
+    assert t.names == ("background", "building") and t.values == ((0,), (1, 255))
+    assert t.ignore_values == () and t.miou_classes == (1,)  # 255 is a class value: nothing ignored
+
+
+def test_kaggle_class_dict_csv(tmp_path):
+    # DeepGlobe's class_dict.csv from Kaggle, as downloaded (classes in file order)
+    path = tmp_path / "class_dict.csv"
+    path.write_text("name,r,g,b\nurban_land,0,255,255\nagriculture_land,255,255,0\nrangeland,255,0,255\n"
+                    "forest_land,0,255,0\nwater,0,0,255\nbarren_land,255,255,255\nunknown,0,0,0\n")
+    t = load_class_table(path)
+    assert t.n_class == 7 and t.names[0] == "urban_land" and t.names[6] == "unknown"
+    assert t.colors[1] == (255, 255, 0) and t.miou_classes == tuple(range(7))
+    rgb = np.array([[[0, 255, 255], [0, 0, 0], [0, 0, 255]]], np.uint8)
+    classes, bad = t.decode_colors(rgb)
+    assert bad is None and classes.tolist() == [[0, 6, 4]]
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("dup.csv", "name,r,g,b\na,0,0,0\na,1,1,1\n", "class name 'a' appears twice"),
+    ("dupc.csv", "name,r,g,b\na,0,0,0\nb,0,0,0\n", "same colour [0, 0, 0]"),
+    ("dupv.json", '{"classes": [{"name": "a", "values": [0, 1]}, {"name": "b", "values": [1]}]}', "mask value 1 is given twice"),
+    ("dupi.json", '{"classes": [{"name": "a", "values": [0, 255]}, "b"], "ignore_values": [255]}', "mask value 255 is given twice"),
+    ("empty.json", '{"classes": []}', "no classes"),
+    ("empty.csv", "", "no classes"),
+    ("header.csv", "name,r,g,b\n", "no classes"),
+    ("broken.json", '{"classes": [', "not valid JSON"),
+    ("nokey.json", '{"clases": ["a"]}', '"classes"'),
+    ("typo.json", '{"classes": [{"name": "a", "colour": [0, 0, 0]}]}', "unknown key 'colour'"),
+    ("rgb.json", '{"classes": [{"name": "a", "color": [0, 0, 300]}]}', "0..255"),
+    ("some.json", '{"classes": [{"name": "a", "color": [0, 0, 0]}, "b"]}', "'b' has no colour"),
+    ("noheader.csv", "a,0,0,0\nb,1,1,1\n", "first line must name the columns"),
+    ("cols.csv", "name,red,g,b\na,0,0,0\n", "columns must be among"),
+    ("fields.csv", "name,r,g,b\na,0,0\n", "line 2 has 3 fields"),
+    ("value.csv", "name,values\na,x\n", "must be an integer"),
+    ("table.txt", "a\n", "expected a .json or .csv file"),
+])
+def test_bad_table_is_one_error_naming_the_file(tmp_path, name, text, needle):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_class_table(path)
+    msg = str(e.value)
+    assert msg.startswith(f"class table {path}: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_missing_table_file(tmp_path):
+    with pytest.raises(UserError, match="cannot read it"):
+        load_class_table(tmp_path / "nowhere.json")
+
+
+def test_binary_presets_read_0_1_and_0_255_masks():
+    for t in (INRIA, ISIC):
+        assert t.n_class == 2 and t.miou_classes == (0, 1) and t.ignore_values == ()
+        raw, _ = t.decode_values(np.array([[0, 255, 255, 0]], np.uint8))
+        prepared, _ = t.decode_values(np.array([[0, 1, 1, 0]], np.uint8))
+        assert raw.tolist() == prepared.tolist() == [[0, 1, 1, 0]]
+        assert t.decode_values(np.array([[0, 128]], np.uint8))[1] == 128
+    assert INRIA.names[1] == "building" and ISIC.names[1] == "lesion"
+
+
+def test_exact_colour_decoding_of_a_user_table():
+    t = ClassTable("t", ("a", "b"), ((10, 20, 30), (200, 100, 0)), ignore_colors=((255, 255, 255),))
+    rgba = np.array([[[10, 20, 30, 255], [200, 100, 0, 0], [255, 255, 255, 255]]], np.uint8)
+    classes, bad = t.decode_colors(rgba)
+    assert bad is None and classes.tolist() == [[0, 1, 255]]
+    classes, bad = t.decode_colors(np.array([[[10, 20, 30], [200, 100, 1]]], np.uint8))  # one channel off
+    assert bad == (200, 100, 1)
+
+
+def test_deepglobe_table_keeps_its_raw_values_and_decoding():
+    assert DEEPGLOBE.values == tuple((i,) for i in range(7)) and DEEPGLOBE.ignore_values == (255,)
+    assert DEEPGLOBE.rgb_masks == "prepare"
+    mask = np.array([[0, 3, 6, 255]], np.uint8)
+    assert DEEPGLOBE.decode_values(mask)[0].tolist() == mask.tolist()
+    assert DEEPGLOBE.decode_values(np.array([[7]], np.uint8))[1] == 7
