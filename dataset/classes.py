@@ -59,7 +59,10 @@ class ClassTable:
     mean 'no label' (None: `ignore_index` unless a class uses it); `ignore_colors` the same
     for RGB masks. `rgb_masks`: 'exact' (an RGB mask's colours must be class or ignore
     colours exactly) or 'prepare' (the loader refuses RGB masks: they are converted by a
-    preparation script, DeepGlobe's, with `decode_rgb`'s thresholding)."""
+    preparation script, DeepGlobe's, with `decode_rgb`'s thresholding). `refuse_0_255`: with
+    255 ignored, a single-channel mask of only 0 and 255 is most likely a binary mask whose
+    foreground would silently become 'ignore'; the loader refuses it (False: 255 really is
+    'ignore' in such masks, e.g. a table file that lists it in ignore_values)."""
 
     name: str
     names: tuple[str, ...]
@@ -70,6 +73,7 @@ class ClassTable:
     ignore_values: tuple[int, ...] | None = None
     ignore_colors: tuple[tuple[int, int, int], ...] = ()
     rgb_masks: str = "exact"
+    refuse_0_255: bool = True
     # derived in __post_init__: (n, 3) uint8 palette; thresholded code -> class; off-palette codes
     _palette: np.ndarray = field(init=False, repr=False, compare=False)
     _code_to_class: np.ndarray | None = field(init=False, repr=False, compare=False)
@@ -143,12 +147,15 @@ class ClassTable:
     def __reduce__(self):
         # rebuilt from the fields (e.g. in loader workers): derived arrays stay read-only
         return ClassTable, (self.name, self.names, self.colors, self.ignore_index, self.miou_classes,
-                            self.values, self.ignore_values, self.ignore_colors, self.rgb_masks)
+                            self.values, self.ignore_values, self.ignore_colors, self.rgb_masks, self.refuse_0_255)
 
     def known_values(self) -> str:
-        """The raw mask values this table knows, for messages: 'classes 0..6, ignore 255'."""
-        ignore = f", ignore {_ranges(self.ignore_values)}" if self.ignore_values else ""
-        return f"classes {_ranges([v for vs in self.values for v in vs])}{ignore}"
+        """The raw mask values this table knows, for messages: 'background = 0, building = 1
+        or 255' (more than 8 classes: 'classes 0..9, ignore 255')."""
+        ignore = f", ignore = {_ranges(self.ignore_values)}" if self.ignore_values else ""
+        if self.n_class > 8:
+            return f"classes {_ranges([v for vs in self.values for v in vs])}{ignore}"
+        return ", ".join(f"{n} = {' or '.join(map(str, vs))}" for n, vs in zip(self.names, self.values)) + ignore
 
     def decode_values(self, mask: np.ndarray) -> tuple[np.ndarray, int | None]:
         """Raw single-channel mask (H, W) of non-negative integers -> (class indices (H, W)
@@ -368,7 +375,8 @@ def _build(name: str, rows: list[dict], ignore_values=None, ignore_colors=()) ->
     miou = tuple(i for i, r in enumerate(rows) if r["miou"])
     try:
         return ClassTable(name=name, names=tuple(r["name"] for r in rows), colors=tuple(colors), miou_classes=miou,
-                          values=values, ignore_values=ignore_values, ignore_colors=tuple(ignore_colors))
+                          values=values, ignore_values=ignore_values, ignore_colors=tuple(ignore_colors),
+                          refuse_0_255=ignore_values is None)
     except ValueError as e:  # the file is named by load_class_table
         prefix = f"class table {name!r}: "
         raise ValueError(str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)) from None

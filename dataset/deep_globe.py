@@ -12,8 +12,15 @@ the bottom/right (image 0, label 255 = ignore) and `size` keeps the true size.
 `image_views` / `label_views` build these from one PIL image, for use outside the
 folder layout too (e.g. predicting on an arbitrary image).
 
-The checks of a label file (readable, a class-index mask, the image's size, values
-in range) are written once here: `check_label_header` looks at the header only
+Masks are decoded through the run's class table (dataset/classes.py): single-channel
+values (class indices, or raw values such as 0/255) through its values, RGB masks through
+its colours (exact match; DeepGlobe's table refuses them and points to its preparation
+script). A value or colour the table does not know is an error naming the file, the value
+and the table, never a silent 'ignore'. Images must be 8-bit with 1 or 3 bands (or a
+palette); 16-bit or 4-band images are one error line each.
+
+The checks of a label file (readable, a mask the table can decode, the image's size, values
+known to the table) are written once here: `check_label_header` looks at the header only
 (`DeepGlobe.check_files` runs it on a whole split before a run starts), `read_label`
 and `__getitem__` apply the same checks with the same messages while loading.
 """
@@ -28,7 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from dataset.classes import IGNORE_LABEL, class_table
+from dataset.classes import IGNORE_LABEL, ClassTable, class_table
 from utils.errors import UserError
 
 SAT_SUFFIX = "_sat.jpg"  # DeepGlobe's image names
@@ -122,9 +129,47 @@ def read_header(path: str) -> tuple[tuple[int, int], int]:
         raise _unreadable(path, e) from e
 
 
-def _check_label_bands(path: str, bands: int) -> None:
-    if bands >= 3:
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def check_image_mode(path: str, mode: str, bands: int) -> None:
+    """Images must be 8-bit with 1 or 3 bands (or a palette): the model reads 8-bit RGB."""
+    if mode in _HIGH_DEPTH:
+        raise UserError(f"{path} is a {'32-bit' if mode in ('I', 'F') else '16-bit'} image ({mode}); the model reads "
+                        "8-bit RGB: convert it to 8 bits per channel (scale to 0..255) first")
+    if bands not in (1, 3):
+        raise UserError(f"{path} has {bands} bands ({mode}); the model reads 3-band RGB: save it as RGB "
+                        "(drop the alpha or extra band) first")
+
+
+def read_image(path: str) -> Image.Image:
+    """An image of the layout as RGB; 16-bit and 4-band images are user errors."""
+    im = _open(path)
+    check_image_mode(path, im.mode, len(im.getbands()))
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _table(classes: ClassTable | int | None) -> ClassTable:
+    if classes is None:
+        return class_table(7)
+    return class_table(classes) if isinstance(classes, int) else classes
+
+
+def _header_mode(path: str) -> tuple[tuple[int, int], int, str]:
+    """((width, height), bands, PIL mode) from the header."""
+    try:
+        with Image.open(path) as im:
+            return im.size, len(im.getbands()), im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _check_label_bands(path: str, bands: int, classes: ClassTable) -> None:
+    if bands >= 3 and classes.rgb_masks == "prepare":
         raise UserError(f"{path} is a {bands}-channel colour mask, not a class-index mask; {PREPARE_HINT}")
+    if bands == 2 or bands > 4:
+        raise UserError(f"{path} is a {bands}-channel mask; expected one channel (class indices or mask values) "
+                        "or RGB colours")
 
 
 def _check_label_size(path: str, image_size: tuple[int, int], label_size: tuple[int, int]) -> None:
@@ -136,32 +181,57 @@ def _check_label_size(path: str, image_size: tuple[int, int], label_size: tuple[
         )
 
 
-def check_label_header(path: str, image_size: tuple[int, int]) -> None:
+def check_label_header(path: str, image_size: tuple[int, int], classes: ClassTable | int | None = None) -> None:
     """Header-only checks of a label file for an image of PIL size `image_size` (width,
-    height): readable, a class-index mask (not a colour one), the image's size. The label
-    values need a full decode: `read_label` checks those."""
+    height): readable, a mask the table can decode, the image's size. The label values need
+    a full decode: `read_label` checks those."""
     label_size, bands = read_header(path)
-    _check_label_bands(path, bands)
+    _check_label_bands(path, bands, _table(classes))
     _check_label_size(path, image_size, label_size)
 
 
-def read_label(path: str, n_class: int, ignore_index: int = IGNORE_LABEL) -> Image.Image:
-    """A class-index mask as a mode 'L' image; RGB masks and bad values are user errors."""
-    im = _open(path)
-    _check_label_bands(path, len(im.getbands()))
-    arr = np.asarray(im)  # 'L', or 'P' whose indices are the classes
-    if arr.dtype != np.uint8:
-        if arr.min() < 0 or arr.max() > 255:
-            raise UserError(f"{path} has label values outside 0..255; expected 8-bit class indices")
-        arr = arr.astype(np.uint8)
-    im = Image.fromarray(arr)
-    bad = (arr >= n_class) & (arr != ignore_index)
-    if bad.any():
+def _unknown(path: str, what: str, classes: ClassTable) -> UserError:
+    if classes.values == tuple((i,) for i in range(classes.n_class)) and not classes.ignore_colors:
+        known = f"--n_class is {classes.n_class}; allowed: 0..{classes.n_class - 1} and " + \
+            ", ".join(f"{v} = ignore" for v in classes.ignore_values)
+    else:
+        known = f"it knows {classes.known_values()}"
+    return UserError(f"{path} has {what}, which class table {classes.name!r} does not know ({known}); "
+                     "fix the mask or the table (--classes)")
+
+
+def _refuse_binary(path: str, arr: np.ndarray, classes: ClassTable) -> None:
+    """A 0/255 binary mask read with 255 = ignore would lose its whole foreground: refused."""
+    if arr.max() == 255 and arr.min() == 0 and not np.any((arr != 0) & (arr != 255)):
         raise UserError(
-            f"{path} has label value {int(arr[bad].max())} but --n_class is {n_class} "
-            f"(allowed: 0..{n_class - 1} and {ignore_index} = ignore)"
-        )
-    return im
+            f"{path} has only the values 0 and 255, and class table {classes.name!r} reads 255 as 'ignore', which "
+            "would leave nothing labelled but class 0; for binary 0/255 masks use --dataset inria or isic, or a "
+            "--classes table that maps 255 to a class (README 'Your own data'); if 255 is 'ignore', list it in the "
+            "table's ignore_values")
+
+
+def read_label(path: str, classes: ClassTable | int | None = None) -> Image.Image:
+    """A mask decoded through the class table (an int: `class_table(n)`) as a mode 'L' image
+    of class indices, ignored pixels `classes.ignore_index`. Single-channel masks ('L', 'P'
+    indices, '1', 16-bit) go through the table's values, RGB(A) ones through its colours;
+    an unknown value or colour is a user error."""
+    classes = _table(classes)
+    im = _open(path)
+    _check_label_bands(path, len(im.getbands()), classes)
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        decoded, bad_color = classes.decode_colors(arr)
+        if bad_color is not None:
+            raise _unknown(path, f"colour {list(bad_color)}", classes)
+    else:
+        if arr.dtype.kind == "f":
+            raise UserError(f"{path} is a floating-point mask; expected integer class indices or mask values")
+        decoded, bad_value = classes.decode_values(arr.astype(np.uint8) if arr.dtype == bool else arr)
+        if bad_value is not None:
+            raise _unknown(path, f"label value {bad_value}", classes)
+        if classes.refuse_0_255 and 255 in classes.ignore_values and classes.n_class > 1 and arr.size:
+            _refuse_binary(path, arr, classes)
+    return Image.fromarray(decoded)
 
 
 def augment(image: Image.Image, label: Image.Image | None, rng: random.Random):
@@ -233,14 +303,18 @@ class DeepGlobe(Dataset):
         labels: bool = True,
         train: bool = False,
         seed: int = 0,
+        classes: ClassTable | None = None,
     ) -> None:
+        """`classes`: the table masks are decoded with (default `class_table(n_class)`)."""
         self.root = split_dir(data_path, split)
         if not os.path.isdir(self.root):
             raise UserError(f"data split not found: {self.root}")
         self.files = find_images(self.root, labels)
         self.ids = list(self.files)
         self.size_g, self.size_p, self.n_class = size_g, size_p, n_class
-        self.classes = class_table(n_class)
+        self.classes = classes if classes is not None else class_table(n_class)
+        if self.classes.n_class != n_class:
+            raise UserError(f"--n_class {n_class} but class table {self.classes.name!r} has {self.classes.n_class} classes")
         self.labels, self.train, self.seed = labels, train, seed
         self.epoch = 0
 
@@ -282,17 +356,19 @@ class DeepGlobe(Dataset):
         it (for the validation split: after a whole training epoch). Truncated data and bad
         label values need a full decode; `__getitem__` reports those."""
         for id_ in self.ids:
-            size, _ = read_header(self.image_path(id_))
+            path = self.image_path(id_)
+            size, bands, mode = _header_mode(path)
+            check_image_mode(path, mode, bands)
             if self.labels:
-                check_label_header(self.label_path(id_), size)
+                check_label_header(self.label_path(id_), size, self.classes)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         id_ = self.ids[index]
-        image = _open(self.image_path(id_), "RGB")
+        image = read_image(self.image_path(id_))
         label = None
         if self.labels:
             path = self.label_path(id_)
-            label = read_label(path, self.n_class, self.classes.ignore_index)
+            label = read_label(path, self.classes)
             _check_label_size(path, image.size, label.size)
         if self.train:
             image, label = augment(image, label, random.Random(hash((self.seed, self.epoch, index))))

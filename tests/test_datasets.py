@@ -167,3 +167,120 @@ def test_deepglobe_table_keeps_its_raw_values_and_decoding():
     mask = np.array([[0, 3, 6, 255]], np.uint8)
     assert DEEPGLOBE.decode_values(mask)[0].tolist() == mask.tolist()
     assert DEEPGLOBE.decode_values(np.array([[7]], np.uint8))[1] == 7
+
+
+# ----------------------------------------------------------------------------- masks through the table
+
+from dataset.classes import class_table  # noqa: E402
+from dataset.deep_globe import collate, read_label  # noqa: E402
+from utils.metrics import ConfusionMatrix  # noqa: E402
+
+
+def _binary_mask(h=32, w=40):
+    mask = np.zeros((h, w), np.uint8)
+    mask[8:20, 10:30] = 255  # a 12 x 20 'building'
+    return mask
+
+
+def test_raw_0_255_mask_gives_class_1_and_counts_in_the_metrics(tmp_path):
+    _pair(tmp_path, "a", ".tif", mask=_binary_mask())
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2, classes=INRIA)
+    ds.check_files()
+    label = ds[0]["label"]
+    assert int((label == 1).sum()) == 12 * 20 and int((label == 0).sum()) == 32 * 40 - 240
+    assert not (label == 255).any()  # no foreground turned into 'ignore'
+    cm = ConfusionMatrix(2, miou_classes=INRIA.miou_classes)
+    cm.update(label.long(), torch.zeros_like(label).long())  # predicting background everywhere
+    iou = cm.iou()
+    assert iou[1] == 0.0 and iou[0] == pytest.approx((1280 - 240) / 1280)  # building pixels counted, missed
+
+
+def test_prepared_0_1_mask_reads_the_same(tmp_path):
+    _pair(tmp_path, "a", ".png", mask=(_binary_mask() // 255).astype(np.uint8))
+    _pair(tmp_path, "b", ".png", mask=_binary_mask())
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2, classes=ISIC)
+    assert torch.equal(ds[0]["label"], ds[1]["label"]) and int(ds[0]["label"].sum()) == 240
+
+
+def test_0_255_mask_with_255_as_ignore_is_refused_not_silently_ignored(tmp_path):
+    _pair(tmp_path, "a", ".png", mask=_binary_mask())
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2)  # --n_class 2 alone: 255 = ignore
+    with pytest.raises(UserError) as e:
+        ds[0]
+    msg = str(e.value)
+    assert "a_mask.png" in msg and "only the values 0 and 255" in msg and "--dataset inria" in msg
+    # a table that says 255 is 'ignore' reads it so
+    t = ClassTable("t", ("a", "b"), ((0, 0, 0), (1, 1, 1)), ignore_values=(255,), refuse_0_255=False)
+    assert (np.asarray(read_label(str(tmp_path / "train" / "Label" / "a_mask.png"), t)) == 255).sum() == 240
+
+
+def test_unknown_mask_value_names_file_value_and_table(tmp_path):
+    mask = _binary_mask()
+    mask[0, 0] = 128
+    _pair(tmp_path, "a", ".png", mask=mask)
+    with pytest.raises(UserError) as e:
+        DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2, classes=INRIA)[0]
+    msg = str(e.value)
+    assert "a_mask.png" in msg and "label value 128" in msg and INRIA.name in msg and "background = 0, building = 1 or 255" in msg
+
+
+def test_rgb_mask_through_a_user_table(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("name,r,g,b\nsoil,120,80,40\ncrop,30,200,60\n")
+    table = load_class_table(path)
+    rgb = np.zeros((32, 40, 3), np.uint8)
+    rgb[:] = (120, 80, 40)
+    rgb[:, 25:] = (30, 200, 60)
+    _pair(tmp_path, "a", ".jpg", mask=rgb)
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2, classes=table)
+    ds.check_files()
+    label = ds[0]["label"]
+    assert int(label.sum()) == 32 * 15 and int(label[:, :25].sum()) == 0
+    rgb[3, 3] = (30, 200, 61)  # one channel off: exact match only
+    _pair(tmp_path, "a", ".jpg", mask=rgb)
+    with pytest.raises(UserError, match=r"a_mask\.png has colour \[30, 200, 61\], which class table .*t\.csv"):
+        ds[0]
+
+
+def test_16_bit_mask_values_go_through_the_table(tmp_path):
+    _pair(tmp_path, "a", ".png", mask=False)
+    mask = np.zeros((32, 40), np.uint16)
+    mask[:, 20:] = 1000
+    Image.fromarray(mask).save(tmp_path / "train" / "Label" / "a_mask.png")
+    t = ClassTable("t", ("a", "b"), ((0, 0, 0), (9, 9, 9)), values=((0,), (1000,)))
+    label = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2, classes=t)[0]["label"]
+    assert int(label.sum()) == 32 * 20
+    with pytest.raises(UserError, match="label value 1000"):
+        DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=2)[0]
+
+
+@pytest.mark.parametrize("kind, needle", [("16bit", "16-bit image"), ("rgba", "4 bands")])
+def test_16_bit_and_4_band_images_are_one_error(tmp_path, kind, needle):
+    _pair(tmp_path, "a", ".png")
+    sat = tmp_path / "train" / "Sat" / "a_sat.png"
+    if kind == "16bit":
+        Image.fromarray(np.full((32, 40), 4000, np.uint16)).save(sat)
+    else:
+        Image.fromarray(np.full((32, 40, 4), 100, np.uint8)).save(sat)
+    ds = DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16)
+    for fn in (ds.check_files, lambda: ds[0]):
+        with pytest.raises(UserError) as e:
+            fn()
+        assert str(sat) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_small_and_mixed_size_images_share_a_batch(tmp_path):
+    _pair(tmp_path, "small", ".png", size=(20, 12), mask=np.ones((12, 20), np.uint8))
+    _pair(tmp_path, "big", ".jpg", size=(72, 40), mask=np.ones((40, 72), np.uint8))
+    ds = DeepGlobe(str(tmp_path), "train", size_g=32, size_p=32, n_class=2, classes=INRIA)
+    batch = collate([ds[0], ds[1]])
+    assert batch["size"] == [(40, 72), (12, 20)]
+    assert batch["image"][0].shape == (3, 40, 72) and batch["image"][1].shape == (3, 32, 32)  # padded to a patch
+    assert int((batch["label"][1] == 255).sum()) == 32 * 32 - 12 * 20  # padding is 'ignore'
+    assert batch["image_global"].shape == (2, 3, 32, 32) and batch["label_global"].shape == (2, 8, 8)
+
+
+def test_table_and_n_class_must_agree(tmp_path):
+    _pair(tmp_path, "a", ".png")
+    with pytest.raises(UserError, match="--n_class 7 but class table .* has 2 classes"):
+        DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=7, classes=INRIA)
