@@ -194,7 +194,7 @@ def read_binary_mask(path: Path) -> np.ndarray:
     counts = np.bincount(values.ravel(), minlength=256)
     odd = np.flatnonzero(counts[1:255]) + 1
     if odd.size:
-        raise BadFile(f"{path}: value {odd[0]} in {counts[odd].sum()} pixels "
+        raise BadFile(f"{path}: value {odd[0]} in {counts[odd[0]]} pixels "
                          f"(expected only 0 and 255; {odd.size} such values)")
     return (values >> 7).astype(np.uint8)  # 255 -> 1
 
