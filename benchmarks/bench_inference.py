@@ -72,6 +72,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--save_predictions", action="store_true", help="also write the colour PNG predictions (timed)")
     a("--data", choices=("synthetic", "random"), default="synthetic",
       help="synthetic: dataset.synthetic images (realistic JPEG sizes); random: uniform-noise JPEGs and labels")
+    a("--image_format", choices=("jpg", "tif"), default="jpg",
+      help="--data random: file of the images (tif: uncompressed RGB TIFF, as Inria Aerial's tiles)")
     a("--data_dir", type=str, default=None,
       help="keep the generated images here and reuse them on the next run with the same settings; None: a temporary folder, removed afterwards")
     a("--eval_cli", action="store_true", help="time a whole `train_deep_globe.py --evaluation` subprocess on the images instead")
@@ -89,14 +91,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--warmup and --num_workers must be >= 0")
     if args.eval_cli and (args.precision != "fp32" or args.channels_last or args.compile):
         p.error("--eval_cli times train_deep_globe.py as it is: fp32 only, no --channels_last, no --compile")
+    if args.image_format != "jpg" and args.data != "random":
+        p.error("--image_format tif needs --data random")
     if args.eval_cli and args.warmup:
         print("note: --warmup is ignored with --eval_cli (the whole process is timed)")
 
 
 # ----------------------------------------------------------------------------- data
 
-def write_random(out: str, n: int, size: tuple[int, int], seed: int, labels: bool) -> None:
-    """Uniform-noise JPEGs (quality 90) and random class-index labels in the GLNet layout."""
+def write_random(out: str, n: int, size: tuple[int, int], seed: int, labels: bool, n_class: int = 7,
+                 image_format: str = "jpg") -> None:
+    """Uniform-noise images (JPEG quality 90, or uncompressed TIFF) and random class-index labels
+    (0..n_class-1) in the GLNet layout."""
     import numpy as np
     from PIL import Image
 
@@ -106,11 +112,14 @@ def write_random(out: str, n: int, size: tuple[int, int], seed: int, labels: boo
         os.makedirs(os.path.join(out, "crossvali", sub), exist_ok=True)
     for i in range(n):
         id_ = str(100000 + i)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            os.path.join(out, "crossvali", "Sat", f"{id_}_sat.jpg"), format="JPEG", quality=90
-        )
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        name = os.path.join(out, "crossvali", "Sat", f"{id_}_sat.{image_format}")
+        if image_format == "jpg":
+            image.save(name, format="JPEG", quality=90)
+        else:
+            image.save(name, format="TIFF")
         if labels:
-            Image.fromarray(rng.integers(0, 7, (h, w), dtype=np.uint8)).save(
+            Image.fromarray(rng.integers(0, n_class, (h, w), dtype=np.uint8)).save(
                 os.path.join(out, "crossvali", "Label", f"{id_}_mask.png")
             )
 
@@ -135,6 +144,8 @@ def write_data(args: argparse.Namespace, out: str) -> None:
             print(f"reusing the {args.n_images} synthetic images in {out}", flush=True)
         return
     params = {"n": args.n_images, "size": list(args.image_size), "seed": args.seed}
+    if args.image_format != "jpg" or args.n_class != 7:  # keeps the markers of earlier runs valid
+        params.update(format=args.image_format, n_class=args.n_class)
     marker = os.path.join(out, RANDOM_MANIFEST)
     try:
         with open(marker) as f:
@@ -145,7 +156,8 @@ def write_data(args: argparse.Namespace, out: str) -> None:
         pass
     if os.path.isdir(out):  # ours (checked above): a previous run with other settings
         shutil.rmtree(out)
-    write_random(out, args.n_images, args.image_size, args.seed, labels=True)
+    write_random(out, args.n_images, args.image_size, args.seed, labels=True, n_class=args.n_class,
+                 image_format=args.image_format)
     with open(marker, "w") as f:
         json.dump(params, f)
 
@@ -156,7 +168,8 @@ def prepare_data(args: argparse.Namespace, out: str) -> float:
     h, w = args.image_size
     print(f"writing {args.n_images} {args.data} images of {h}x{w} to {out} ...", flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--_write_data", out, "--data", args.data,
-           "--n_images", str(args.n_images), "--image_size", f"{h}x{w}", "--seed", str(args.seed)]
+           "--n_images", str(args.n_images), "--image_size", f"{h}x{w}", "--seed", str(args.seed),
+           "--n_class", str(args.n_class), "--image_format", args.image_format]
     rc = subprocess.run(cmd, cwd=REPO).returncode
     if rc != 0:
         sys.exit(f"error: writing the images failed (exit code {rc})")
@@ -443,6 +456,7 @@ def main(argv=None) -> int:
         "precision": args.precision, "threads": args.threads if args.eval_cli else torch.get_num_threads(),
         "channels_last": args.channels_last, "compile": args.compile, "n_images": args.n_images, "warmup": 0 if args.eval_cli else args.warmup,
         "tta": args.tta, "labels": not args.no_labels, "save_predictions": args.save_predictions, "data": args.data,
+        "image_format": args.image_format,
         "eval_cli": args.eval_cli,
     }
     if args.eval_cli:
