@@ -17,7 +17,6 @@ decoding anything. Every output is written to a temp file next to it and renamed
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -287,12 +286,6 @@ def summary(title: str, outcomes: Sequence[Outcome], lists: Dict[str, List[str]]
     lines.extend(extra)
     lines.append(f"split lists written to {lists_at}/{{train,crossvali,test}}.txt")
     return lines
-
-
-def held_out_count(n: int) -> int:
-    """Images of crossvali and of test each in an 80/10/10 split of n: ceil(n / 10), which
-    gives ISIC 2018's 2594 images the paper's 2074 / 260 / 260."""
-    return math.ceil(n / 10)
 
 
 def prepare_items(title: str, items: Sequence[Item], lists: Dict[str, List[str]], data_path: Path,

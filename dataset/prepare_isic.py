@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from dataset.prepare_binary import Item, check_data_path, held_out_count, prepare_items, read_split_lists
+from dataset.prepare_binary import Item, check_data_path, prepare_items, read_split_lists
 from utils.errors import UserError
 
 INPUT_DIR = "ISIC2018_Task1-2_Training_Input"
@@ -64,6 +65,12 @@ def scan(raw: Path) -> Dict[str, Dict[str, Path]]:
     return found
 
 
+def held_out_count(n: int) -> int:
+    """Images of crossvali and of test each in an 80/10/10 split of n: ceil(n / 10), which
+    gives ISIC 2018's 2594 images the paper's 2074 / 260 / 260."""
+    return math.ceil(n / 10)
+
+
 def seeded_split(ids: Sequence[str], seed: int) -> Dict[str, List[str]]:
     """80/10/10 by the SHA-256 order of "<seed>:<id>": independent of listing order and of
     library versions. crossvali and test get ceil(n/10) each, train the rest."""
@@ -83,7 +90,8 @@ def plan(found, lists, data_path: Path) -> List[Item]:
             if image is None:
                 missing.append(f"{INPUT_DIR}/{image_id}.jpg (listed in {split}.txt)")
             elif mask is None:
-                missing.append(f"{TRUTH_DIR}/{image_id}_segmentation.png, the mask of {image}")
+                missing.append(f"{TRUTH_DIR}/{image_id}_segmentation.png (the mask of {image.name}, "
+                               f"listed in {split}.txt)")
             else:
                 items.append(Item(split, image_id, str(image), str(mask), str(data_path), EXT))
     if missing:
