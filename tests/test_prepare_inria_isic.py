@@ -395,6 +395,16 @@ def test_isic_bad_mask_value_and_missing_mask_are_one_line(isic_raw, tmp_path, c
     err = one_error_line(capsys.readouterr().err)
     assert f"{gt}: value 17 in {h * w} pixels" in err
 
+    Image.fromarray(building_mask(11, h, w) * 255).save(gt)
+    rgb_gt = isic_raw / ISIC_GT / "ISIC_0000012_segmentation.png"
+    Image.fromarray(np.zeros(isic_size(12) + (3,), dtype=np.uint8)).save(rgb_gt)
+    assert run_isic(isic_raw, tmp_path / "out1") == 2
+    assert f"{rgb_gt}: a RGB image, expected a single-band 0/255 mask" in one_error_line(capsys.readouterr().err)
+    Image.fromarray(building_mask(12, *isic_size(12)) * 255).save(rgb_gt)
+    rgb_gt.write_bytes(rgb_gt.read_bytes()[:80])  # truncated: the header reads, the pixels do not
+    assert run_isic(isic_raw, tmp_path / "out1") == 2
+    assert f"{rgb_gt}: not a readable mask" in one_error_line(capsys.readouterr().err)
+
     (isic_raw / ISIC_GT / "ISIC_0000004_segmentation.png").unlink()
     assert run_isic(isic_raw, tmp_path / "out2") == 2
     err = one_error_line(capsys.readouterr().err)
