@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dataset.classes import class_table
+from dataset.classes import ClassTable, class_table
 from models.glnet import (
     GLNet, Maps, Release, global2local, local2global_collect, local2global_ensemble,
 )
@@ -123,17 +123,24 @@ class Config:
     # mode-3 training: images of a batch whose per-patch local ps3 stay in memory (the others
     # run the frozen local branch again)
     keep_patch_maps: int = 1
+    # the run's class table (names, colours, mIoU classes); None: class_table(n_class)
+    classes: ClassTable | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is None:
+            object.__setattr__(self, "classes", class_table(self.n_class))
+        elif self.classes.n_class != self.n_class:
+            raise ValueError(f"n_class {self.n_class} but class table {self.classes.name!r} has {self.classes.n_class}")
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> "Config":
+        from dataset.presets import classes_from_args
+
         return cls(
             STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
             args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress, args.keep_patch_maps,
+            classes_from_args(args),
         )
-
-    @property
-    def classes(self):
-        return class_table(self.n_class)
 
     @property
     def base_lr(self) -> float:

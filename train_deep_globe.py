@@ -57,26 +57,29 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def get_parser() -> argparse.ArgumentParser:
+    from dataset.presets import add_dataset_args, preset_help as ph
+
     p = argparse.ArgumentParser(
-        description="GLNet on DeepGlobe: --mode 1 global, 2 global2local, 3 local2global.",
+        description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, 3 local2global.",
         formatter_class=_HelpFormatter,
     )
     a = p.add_argument
-    # The original's flags, same meaning.
-    a("--n_class", type=int, default=7, help="number of classes")
-    a("--data_path", type=str, default="./data/deep_globe/", help="folder with train/, crossvali/ (and test/)")
+    # The original's flags, same meaning; the defaults of those marked 'from --dataset' are the preset's.
+    a("--n_class", type=int, default=None, help=f"number of classes {ph('n_class')}")
+    a("--data_path", type=str, default=None, help=f"folder with train/, crossvali/ (and test/) {ph('data_path')}")
     a("--model_path", type=str, default="./saved_models/", help="folder for checkpoints; --path_* are relative to it")
     a("--log_path", type=str, default="./runs/", help="folder for TensorBoard logs, text logs and metrics")
-    a("--task_name", type=str, default=None, help=f"run name: <model_path>/<task_name>.pth, <log_path>/<task_name>/ (default: {_per_mode('task_name')})")
+    a("--task_name", type=str, default=None, help=f"run name: <model_path>/<task_name>.pth, <log_path>/<task_name>/ (default: {_per_mode('task_name')}; fpn_<dataset>_... for the other --dataset presets)")
     a("--mode", type=int, choices=sorted(_stages()), default=1, help=", ".join(f"{m}: {s.name}" for m, s in _stages().items()))
     a("--evaluation", action="store_true", help="evaluate on data_path/crossvali instead of training")
-    a("--batch_size", type=int, default=6, help="images per optimizer step (per process under torchrun)")
-    a("--sub_batch_size", type=int, default=6, help="patches per forward pass")
-    a("--size_g", type=int, default=508, help="side of the downsampled global image")
-    a("--size_p", type=int, default=508, help="side of the full-resolution patches")
-    a("--path_g", type=str, default="fpn_deepglobe_global.pth", help="global checkpoint (modes 2, 3; mode 1 evaluation)")
-    a("--path_g2l", type=str, default="fpn_deepglobe_global2local.pth", help="global2local checkpoint (mode 3 training; mode 2 evaluation)")
-    a("--path_l2g", type=str, default="fpn_deepglobe_local2global.pth", help="local2global checkpoint (mode 3 evaluation)")
+    a("--batch_size", type=int, default=None, help=f"images per optimizer step (per process under torchrun) {ph('batch_size')}")
+    a("--sub_batch_size", type=int, default=None, help=f"patches per forward pass {ph('sub_batch_size')}")
+    a("--size_g", type=int, default=None, help=f"side of the downsampled global image {ph('size_g')}")
+    a("--size_p", type=int, default=None, help=f"side of the full-resolution patches {ph('size_p')}")
+    a("--path_g", type=str, default=None, help=f"global checkpoint (modes 2, 3; mode 1 evaluation) {ph('path_g')}")
+    a("--path_g2l", type=str, default=None, help=f"global2local checkpoint (mode 3 training; mode 2 evaluation) {ph('path_g2l')}")
+    a("--path_l2g", type=str, default=None, help=f"local2global checkpoint (mode 3 evaluation) {ph('path_l2g')}")
+    add_dataset_args(p)
     a("--lamb_fmreg", type=float, default=0.15, help="weight of the feature-map MSE regularisation (mode 2)")
     # New flags.
     a("--num_epochs", type=int, default=None, help=f"epochs (default: {_per_mode('epochs')})")
@@ -102,9 +105,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the per-mode defaults and check the flags (UserError on a bad value)."""
+    from dataset.presets import apply_preset
     from helper import STAGES
 
-    stage = STAGES[args.mode]
+    stage = STAGES[apply_preset(args).mode]
     args.num_epochs = stage.epochs if args.num_epochs is None else args.num_epochs
     args.lr = stage.lr if args.lr is None else args.lr
     args.task_name = args.task_name or stage.task_name
@@ -170,6 +174,7 @@ def ensure_writable_dir(folder: str, flag: str) -> None:
 def load_datasets(args) -> dict:
     """The splits this run reads, checked (layout, pairs, headers) before any model is built."""
     from dataset.deep_globe import DeepGlobe
+    from dataset.presets import classes_from_args
 
     if args.evaluation:
         labels = not args.test and DeepGlobe.has_labels(args.data_path, args.split)
@@ -185,7 +190,7 @@ def load_datasets(args) -> dict:
         splits = {"train": dict(train=True, seed=args.seed), "crossvali": {}}
     datasets = {}
     for split, kw in splits.items():
-        ds = DeepGlobe.open(args.data_path, split, args.size_g, args.size_p, args.n_class, **kw)
+        ds = DeepGlobe.open(args.data_path, split, args.size_g, args.size_p, args.n_class, classes=classes_from_args(args), **kw)
         ds.check_files()
         datasets[split] = ds
     return datasets

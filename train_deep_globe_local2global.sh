@@ -11,17 +11,21 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 read -r -a python <<< "${PYTHON:-python}"
 args=(
     --mode 3
-    --n_class "${N_CLASS:-7}"
-    --data_path "${DATA_PATH:-./data/deep_globe/}"
     --model_path "${MODEL_PATH:-./saved_models/}"
     --log_path "${LOG_PATH:-./runs/}"
-    --batch_size "${BATCH_SIZE:-6}"
-    --sub_batch_size "${SUB_BATCH_SIZE:-6}"
-    --size_g "${SIZE_G:-508}"
-    --size_p "${SIZE_P:-508}"
-    --path_g "${PATH_G:-fpn_deepglobe_global.pth}"
-    --path_g2l "${PATH_G2L:-fpn_deepglobe_global2local.pth}"
 )
+# Dataset preset (train_deep_globe.py --dataset: deepglobe, the default, inria, isic, folder with
+# CLASSES=table.json): the flags below are left out unless set, and then take the preset's values.
+if [[ -n "${DATASET:-}" ]]; then args+=(--dataset "$DATASET"); fi
+if [[ -n "${CLASSES:-}" ]]; then args+=(--classes "$CLASSES"); fi
+if [[ -n "${N_CLASS:-}" ]]; then args+=(--n_class "$N_CLASS"); fi
+if [[ -n "${DATA_PATH:-}" ]]; then args+=(--data_path "$DATA_PATH"); fi
+if [[ -n "${BATCH_SIZE:-}" ]]; then args+=(--batch_size "$BATCH_SIZE"); fi
+if [[ -n "${SUB_BATCH_SIZE:-}" ]]; then args+=(--sub_batch_size "$SUB_BATCH_SIZE"); fi
+if [[ -n "${SIZE_G:-}" ]]; then args+=(--size_g "$SIZE_G"); fi
+if [[ -n "${SIZE_P:-}" ]]; then args+=(--size_p "$SIZE_P"); fi
+if [[ -n "${PATH_G:-}" ]]; then args+=(--path_g "$PATH_G"); fi
+if [[ -n "${PATH_G2L:-}" ]]; then args+=(--path_g2l "$PATH_G2L"); fi
 # Left out unless set: train_deep_globe.py then uses its per-mode defaults (helper.STAGES).
 if [[ -n "${TASK_NAME:-}" ]]; then args+=(--task_name "$TASK_NAME"); fi
 if [[ -n "${NUM_EPOCHS:-}" ]]; then args+=(--num_epochs "$NUM_EPOCHS"); fi

@@ -284,3 +284,150 @@ def test_table_and_n_class_must_agree(tmp_path):
     _pair(tmp_path, "a", ".png")
     with pytest.raises(UserError, match="--n_class 7 but class table .* has 2 classes"):
         DeepGlobe(str(tmp_path), "train", size_g=16, size_p=16, n_class=7, classes=INRIA)
+
+
+# ----------------------------------------------------------------------------- presets and the CLI
+
+import json  # noqa: E402
+
+from conftest import load_state  # noqa: E402
+from dataset.presets import PRESETS, add_dataset_args, classes_from_args  # noqa: E402
+
+BINARY_CSV = "name,r,g,b,values\nbackground,0,0,0,0\nblob,255,255,255,1;255\n"
+
+
+def _resolved(*argv):
+    import train_deep_globe
+
+    return train_deep_globe.resolve_args(train_deep_globe.get_parser().parse_args([str(a) for a in argv]))
+
+
+def test_deepglobe_preset_is_todays_defaults():
+    args = _resolved()
+    assert args.dataset == "deepglobe" and args.classes is None
+    assert (args.n_class, args.size_g, args.size_p, args.batch_size, args.sub_batch_size) == (7, 508, 508, 6, 6)
+    assert (args.data_path, args.path_g, args.path_g2l, args.path_l2g) == (
+        "./data/deep_globe/", "fpn_deepglobe_global.pth", "fpn_deepglobe_global2local.pth", "fpn_deepglobe_local2global.pth")
+    assert (args.num_epochs, args.lr, args.task_name) == (120, 5e-5, "fpn_deepglobe_global")
+    args = _resolved("--mode", 2)
+    assert (args.num_epochs, args.lr, args.task_name) == (50, 2e-5, "fpn_deepglobe_global2local")
+    assert classes_from_args(_resolved("--n_class", 9)).n_class == 9  # generic classes, as before presets
+
+
+def test_inria_and_isic_presets_fill_defaults_and_given_flags_win():
+    args = _resolved("--dataset", "inria", "--mode", 3)
+    assert (args.n_class, args.size_g, args.size_p, args.batch_size, args.sub_batch_size) == (2, 536, 536, 4, 6)
+    assert (args.task_name, args.path_g, args.path_g2l) == ("fpn_inria_local2global", "fpn_inria_global.pth",
+                                                            "fpn_inria_global2local.pth")
+    assert args.data_path == "./data/inria/" and classes_from_args(args).names == ("background", "building")
+    args = _resolved("--dataset", "inria", "--size_g", 256, "--batch_size", 2, "--task_name", "mine", "--n_class", 2)
+    assert (args.size_g, args.batch_size, args.task_name, args.size_p) == (256, 2, "mine", 536)
+    args = _resolved("--dataset", "isic")
+    assert args.n_class == 2 and classes_from_args(args).names == ("background", "lesion")
+
+
+def test_n_class_disagreeing_with_the_table(tmp_path, cli):
+    table = tmp_path / "t.csv"
+    table.write_text(BINARY_CSV)
+    for extra in (["--dataset", "inria"], ["--dataset", "folder", "--classes", table]):
+        rc, out, err = cli(*extra, "--n_class", 7, "--data_path", tmp_path / "nowhere")
+        assert rc == 2 and err.startswith("error: --n_class 7 disagrees with the class table") and err.count("\n") == 1, err
+        assert "2 classes" in err
+
+
+def test_folder_needs_classes_and_a_bad_table_is_one_line(tmp_path, cli):
+    rc, out, err = cli("--dataset", "folder", "--data_path", tmp_path)
+    assert rc == 2 and "--dataset folder needs --classes FILE" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"classes": ["a", "a"]}')
+    rc, out, err = cli("--dataset", "folder", "--classes", bad, "--data_path", tmp_path)
+    assert rc == 2 and err == f"error: class table {bad}: class name 'a' appears twice\n"
+
+
+def test_add_dataset_args_and_classes_from_args_for_other_tools(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_dataset_args(parser)
+    assert classes_from_args(parser.parse_args([])).name == "DeepGlobe land cover"
+    assert classes_from_args(parser.parse_args(["--dataset", "isic"])).names[1] == "lesion"
+    table = tmp_path / "t.csv"
+    table.write_text(BINARY_CSV)
+    assert classes_from_args(parser.parse_args(["--dataset", "folder", "--classes", str(table)])).names[1] == "blob"
+    assert set(PRESETS) == {"deepglobe", "inria", "isic", "folder"}
+
+
+def _blobs(root, n_train=6, n_val=2, size=64, seed=0):
+    """An easy binary task: bright squares (0/255 mask, 255 = blob) on a dark textured ground."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("crossvali", n_val)):
+        for i in range(n):
+            mask = np.zeros((size, size), np.uint8)
+            for _ in range(2):
+                s = int(rng.integers(size // 5, size // 3))
+                t, l = rng.integers(0, size - s, 2)
+                mask[t:t + s, l:l + s] = 255
+            img = rng.normal(60, 20, (size, size, 3))
+            img[mask == 255] += 120
+            ext = (".png", ".tif", ".jpg")[i % 3]
+            _pair(root, f"{split}{i}", ext, size=(size, size), mask=mask, split=split)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / "Sat" / f"{split}{i}_sat{ext}")
+    return root
+
+
+def test_folder_dataset_trains_and_evaluates_through_the_cli(tmp_path, cli):
+    data = _blobs(tmp_path / "data", n_train=2, n_val=1)
+    table = tmp_path / "blobs.csv"
+    table.write_text(BINARY_CSV)
+    common = ["--dataset", "folder", "--classes", table, "--data_path", data, "--model_path", tmp_path / "m",
+              "--log_path", tmp_path / "r", "--backbone_weights", "none", "--num_workers", 0, "--no_progress",
+              "--device", "cpu", "--size_g", 64, "--size_p", 64, "--batch_size", 2]
+    rc, out, err = cli(*common, "--num_epochs", 1)
+    assert rc == 0, err
+    assert (tmp_path / "m" / "fpn_folder_global.pth").is_file()  # the preset's task name
+    saved = json.loads((tmp_path / "r" / "fpn_folder_global.train.args.json").read_text())
+    assert saved["dataset"] == "folder" and saved["classes"] == str(table) and saved["n_class"] == 2
+    assert saved["sub_batch_size"] == 6 and saved["path_g"] == "fpn_folder_global.pth"  # filled by the preset
+    state = load_state(tmp_path / "m" / "fpn_folder_global.pth")
+    assert state["module.fpn_global.classify.weight"].shape[0] == 2
+    rc, out, err = cli(*common, "--evaluation", "--task_name", "ev", "--predictions_dir", tmp_path / "p")
+    assert rc == 0, err
+    assert "blob" in out and "background" in out
+    metrics = json.loads((tmp_path / "r" / "ev.crossvali.metrics.json").read_text())
+    assert len(metrics["global"]["iou"]) == 2
+    with Image.open(tmp_path / "p" / "crossvali0_mask.png") as im:  # drawn in the table's colours
+        colours = {tuple(c) for c in np.asarray(im.convert("RGB")).reshape(-1, 3).tolist()}
+    assert im.size == (64, 64) and colours <= {(0, 0, 0), (255, 255, 255)}
+
+
+def test_resume_keeps_dataset_and_classes(tmp_path):
+    from utils import run
+
+    args = _resolved()  # a resumed command that leaves out --dataset/--classes
+    saved = dict(vars(_resolved("--dataset", "isic")), classes=None)
+    run.restore_args(args, saved, explicit=set(), path="x.resume.pth")
+    assert args.dataset == "isic" and args.n_class == 2 and classes_from_args(args).names[1] == "lesion"
+    args = _resolved("--dataset", "inria")
+    with pytest.raises(UserError, match="--dataset inria differs"):
+        run.restore_args(args, saved, explicit={"dataset"}, path="x.resume.pth")
+
+
+def test_two_class_checkpoint_round_trip(tmp_path):
+    from models import GLNet
+    from utils.checkpoint import load_checkpoint, save_state_dict
+
+    torch.manual_seed(1)
+    a, b = GLNet(2), GLNet(2)
+    save_state_dict(a, str(tmp_path / "two.pth"))
+    raw = load_state(tmp_path / "two.pth")
+    ref = GLNet(7).state_dict()
+    assert set(raw) == {"module." + k for k in ref}  # the same keys as the 7-class format
+    changed = {k for k in ref if raw["module." + k].shape != ref[k].shape}
+    assert changed == {"fpn_global.classify.weight", "fpn_global.classify.bias", "fpn_local.classify.weight",
+                       "fpn_local.classify.bias", "ensemble_conv.weight", "ensemble_conv.bias"}
+    assert all(raw["module." + k].shape[0] == 2 for k in changed)
+    load_checkpoint(b, str(tmp_path / "two.pth"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(UserError, match="2 classes"):
+        load_checkpoint(GLNet(7), str(tmp_path / "two.pth"))
+
