@@ -174,7 +174,7 @@ def ensure_writable_dir(folder: str, flag: str) -> None:
 def load_datasets(args) -> dict:
     """The splits this run reads, checked (layout, pairs, headers) before any model is built."""
     from dataset.deep_globe import DeepGlobe
-    from dataset.presets import classes_from_args
+    from dataset.presets import dataset_kwargs
 
     if args.evaluation:
         labels = not args.test and DeepGlobe.has_labels(args.data_path, args.split)
@@ -190,7 +190,7 @@ def load_datasets(args) -> dict:
         splits = {"train": dict(train=True, seed=args.seed), "crossvali": {}}
     datasets = {}
     for split, kw in splits.items():
-        ds = DeepGlobe.open(args.data_path, split, args.size_g, args.size_p, args.n_class, classes=classes_from_args(args), **kw)
+        ds = DeepGlobe.open(args.data_path, split, args.size_g, args.size_p, args.n_class, **dataset_kwargs(args), **kw)
         ds.check_files()
         datasets[split] = ds
     return datasets

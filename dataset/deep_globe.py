@@ -192,8 +192,8 @@ def check_label_header(path: str, image_size: tuple[int, int], classes: ClassTab
 
 def _unknown(path: str, what: str, classes: ClassTable) -> UserError:
     if classes.values == tuple((i,) for i in range(classes.n_class)) and not classes.ignore_colors:
-        known = f"--n_class is {classes.n_class}; allowed: 0..{classes.n_class - 1} and " + \
-            ", ".join(f"{v} = ignore" for v in classes.ignore_values)
+        ignore = "".join(f" and {v} = ignore" for v in classes.ignore_values)
+        known = f"--n_class is {classes.n_class}; allowed: 0..{classes.n_class - 1}{ignore}"
     else:
         known = f"it knows {classes.known_values()}"
     return UserError(f"{path} has {what}, which class table {classes.name!r} does not know ({known}); "
@@ -324,16 +324,18 @@ class DeepGlobe(Dataset):
         return os.path.isdir(os.path.join(split_dir(data_path, split), "Label"))
 
     @classmethod
-    def open(cls, data_path: str, split: str, size_g: int, size_p: int, n_class: int = 7, **kwargs) -> "DeepGlobe":
+    def open(cls, data_path: str, split: str, size_g: int, size_p: int, n_class: int = 7, hint: str = PREPARE_HINT,
+             **kwargs) -> "DeepGlobe":
         """The dataset of a run's --data_path: a missing folder is one error naming the flag,
-        the expected layout and the preparation command. `kwargs` as for the constructor."""
+        the expected layout and `hint` (how to make the folder: the preparation command).
+        `kwargs` as for the constructor."""
         if not os.path.isdir(data_path):
-            raise UserError(f"--data_path {data_path} does not exist (expected train/, crossvali/ inside); {PREPARE_HINT}")
+            raise UserError(f"--data_path {data_path} does not exist (expected train/, crossvali/ inside); {hint}")
         if not os.path.isdir(split_dir(data_path, split)):
             labels = "" if not kwargs.get("labels", True) else f" and {split}/Label/<id>_mask.png"
             raise UserError(
                 f"--data_path {data_path} has no {split}/ folder (expected {split}/Sat/<id>_sat.jpg{labels}); "
-                + PREPARE_HINT
+                + hint
             )
         return cls(data_path, split, size_g, size_p, n_class, **kwargs)
 

@@ -43,6 +43,7 @@ class Preset:
     lr: dict[int, float] = field(default_factory=dict)
     task_names: dict[int, str] = field(default_factory=dict)
     about: str = ""
+    prepare: str = ""  # how to make data_path, for the error when it is missing
 
     @property
     def n_class(self) -> int | None:
@@ -62,18 +63,23 @@ PRESETS: dict[str, Preset] = {
         path_g="fpn_deepglobe_global.pth", path_g2l="fpn_deepglobe_global2local.pth",
         path_l2g="fpn_deepglobe_local2global.pth",
         about="DeepGlobe land cover, 7 classes, 2448 px; the paper's settings",
+        prepare="convert the download with: python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT",
     ),
     "inria": Preset(
         "inria", INRIA, "./data/inria/", 536, 536, 4, 6, **_names("inria"),
         about="Inria aerial buildings, 2 classes (0/1 or 0/255 masks), 5000 px tiles",
+        prepare="convert the download with: python -m dataset.prepare_inria --raw_path RAW --data_path OUT",
     ),
     "isic": Preset(
         "isic", ISIC, "./data/isic/", 508, 508, 6, 6, **_names("isic"),
         about="ISIC 2018 skin lesions, 2 classes (0/1 or 0/255 masks), mixed sizes",
+        prepare="convert the download with: python -m dataset.prepare_isic --raw_path RAW --data_path OUT",
     ),
     "folder": Preset(
         "folder", None, "./data/folder/", 508, 508, 6, 6, **_names("folder"),
         about="any data in the <split>/Sat, <split>/Label layout; needs --classes FILE",
+        prepare="put the images in <split>/Sat/<id>_sat.<jpg,png,tif> and the masks in <split>/Label/<id>_mask.png "
+                "(README 'Your own data')",
     ),
 }
 DEFAULT = "deepglobe"
@@ -126,6 +132,12 @@ def classes_from_args(args: argparse.Namespace) -> ClassTable:
         raise UserError(f"--n_class {n_class} disagrees with the class table of {source} ({table.n_class} classes: "
                         f"{', '.join(table.names)}); leave --n_class out")
     return table
+
+
+def dataset_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `DeepGlobe.open` for a run: the class table and the hint of a
+    missing --data_path."""
+    return {"classes": classes_from_args(args), "hint": PRESETS[args.dataset].prepare}
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:

@@ -335,6 +335,13 @@ def test_n_class_disagreeing_with_the_table(tmp_path, cli):
         assert "2 classes" in err
 
 
+@pytest.mark.parametrize("dataset, hint", [("inria", "prepare_inria"), ("isic", "prepare_isic"),
+                                           ("deepglobe", "prepare_deep_globe")])
+def test_missing_data_path_names_the_presets_preparation(tmp_path, cli, dataset, hint):
+    rc, out, err = cli("--dataset", dataset, "--data_path", tmp_path / "nowhere")
+    assert rc == 2 and "nowhere does not exist" in err and f"python -m dataset.{hint} " in err and err.count("\n") == 1
+
+
 def test_folder_needs_classes_and_a_bad_table_is_one_line(tmp_path, cli):
     rc, out, err = cli("--dataset", "folder", "--data_path", tmp_path)
     assert rc == 2 and "--dataset folder needs --classes FILE" in err and err.count("\n") == 1
