@@ -32,7 +32,7 @@ def _records(path):
     return records
 
 
-@pytest.mark.parametrize("script", ["bench_inference.py", "bench_train.py"])
+@pytest.mark.parametrize("script", ["bench_inference.py", "bench_train.py", "bench_inria_eval.py"])
 def test_help(script):
     out = _run(script, "--help")
     assert "--image_size" in out and "--results" in out and "--precision" in out
@@ -68,6 +68,18 @@ def test_inference_eval_cli(tmp_path):
         assert key in res
     assert res["wall_seconds"] > res["evaluate_seconds"] > 0
     assert res["child_peak_rss_mib"] > 0
+
+
+def test_inria_eval(tmp_path):
+    # the Inria defaults (mode 3, 2 classes, a TIFF tile, the whole --evaluation process) at a tiny size
+    results = tmp_path / "inria.jsonl"
+    out = _run("bench_inria_eval.py", *TINY, "--num_workers", 0, "--sub_batch_size", 2, "--results", results)
+    assert "wall s" in out and "child peak RSS MiB" in out and "crossvali: 1 images in" in out
+    (r,) = _records(results)
+    c = r["config"]
+    assert r["benchmark"] == "inference_cli" and c["mode"] == 3 and c["n_class"] == 2 and c["n_images"] == 1
+    assert c["image_format"] == "tif" and c["image_size"] == [160, 160] and c["size_p"] == 128
+    assert r["results"]["wall_seconds"] > r["results"]["evaluate_seconds"] > 0
 
 
 def test_train_modes_1_and_3(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dataset import prepare_inria, prepare_isic
+from dataset.classes import INRIA, ISIC
 
 REPO = Path(__file__).resolve().parents[1]
 INRIA_SPLITS = REPO / "dataset" / "splits" / "inria"
@@ -417,11 +418,12 @@ def test_isic_bad_mask_value_and_missing_mask_are_one_line(isic_raw, tmp_path, c
 # ---------------------------------------------------------------------------- the three stages
 
 
-def stages(cli, data, root, dataset_args, n_test):
-    """Modes 1, 2, 3 (1 epoch each), evaluation of mode 3 on crossvali and test, predictions of
-    test, at 64 px; returns the metrics of the test split."""
+def stages(cli, data, root, dataset, n_test):
+    """`--dataset <dataset>` through modes 1, 2, 3 (1 epoch each) and the evaluation of mode 3
+    on the test split with its predictions, at 64 px; returns the metrics and the predictions
+    folder."""
     models, logs, preds = root / "models", root / "runs", root / "preds"
-    common = [*dataset_args, "--data_path", data, "--model_path", models, "--log_path", logs,
+    common = ["--dataset", dataset, "--data_path", data, "--model_path", models, "--log_path", logs,
               "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu",
               "--size_g", 64, "--size_p", 64, "--batch_size", 2, "--sub_batch_size", 4, "--num_epochs", 1,
               "--path_g", "g.pth", "--path_g2l", "g2l.pth", "--path_l2g", "l2g.pth"]
@@ -433,9 +435,17 @@ def stages(cli, data, root, dataset_args, n_test):
     metrics = json.loads((logs / "ev.test.metrics.json").read_text())
     assert len(list(preds.iterdir())) == n_test
     for name in ("global", "local", "aggregated"):
-        iou = metrics[name]["iou"]
+        iou = metrics[name]["iou"]  # background and the object class
         assert len(iou) == 2 and all(x is None or 0.0 <= x <= 1.0 for x in iou)
+    assert (logs / "g.train.args.json").is_file()
+    args = json.loads((logs / "g.train.args.json").read_text())
+    assert args["dataset"] == dataset and args["n_class"] == 2
     return metrics, preds
+
+
+def colours(path: Path):
+    with Image.open(path) as im:
+        return im.size, {tuple(int(v) for v in c) for c in np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)}
 
 
 # Each stage is one optimizer step (2 training images, batch 2): on the CPU a step of GLNet's
@@ -447,17 +457,19 @@ def test_inria_through_the_three_stages(inria_raw, tmp_path, cli):
                                              "test": ["kitsap1"]}, ".tif")
     data = tmp_path / "data"
     assert run_inria(inria_raw, data, lists) == 0
-    _, preds = stages(cli, data, tmp_path, ["--n_class", 2], n_test=1)
-    with Image.open(preds / "kitsap1_mask.png") as im:
-        assert im.size == (INRIA_SIZE[1], INRIA_SIZE[0])  # full resolution (W, H)
+    _, preds = stages(cli, data, tmp_path, "inria", n_test=1)
+    size, used = colours(preds / "kitsap1_mask.png")
+    assert size == (INRIA_SIZE[1], INRIA_SIZE[0])  # full resolution (W, H)
+    assert used <= {tuple(c) for c in INRIA.colors}
 
 
 def test_isic_through_the_three_stages(tmp_path, cli):
     raw = make_isic(tmp_path / "raw", range(4))  # seeded split 2 / 1 / 1; sides below and above 64 px
     data = tmp_path / "data"
     assert run_isic(raw, data) == 0
-    _, preds = stages(cli, data, tmp_path, ["--n_class", 2], n_test=1)
+    _, preds = stages(cli, data, tmp_path, "isic", n_test=1)
     (test_id,) = sat_ids(data, "test", ".jpg")
     h, w = isic_size(int(test_id[5:]))
-    with Image.open(preds / f"{test_id}_mask.png") as im:
-        assert im.size == (w, h)
+    size, used = colours(preds / f"{test_id}_mask.png")
+    assert size == (w, h)
+    assert used <= {tuple(c) for c in ISIC.colors}
