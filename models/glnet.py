@@ -360,6 +360,8 @@ def local2global_collect(
     keep: str | None = "ps3",
     store: torch.device | str | None = None,
     backbone_batch: int | None = None,
+    keep_outputs: bool = True,
+    spill=None,
 ) -> LocalPass:
     """Mode 3 first pass (section 5): run the model's local branch on every patch
     with crops of the frozen global model's maps, merging c2..c5, ps0, ps1, ps2
@@ -371,6 +373,9 @@ def local2global_collect(
     channels instead of 512), which is all inference needs; None: neither. `store`:
     device for the per-patch results (default: the patches' device).
     `backbone_batch`: see `GLNet.local_maps_released`. Runs without grad.
+    Bounded memory (predict.py): keep_outputs=False drops the local logits; `spill(x)`
+    receives each patch's kept map (1, ...) instead of this function keeping it.
+    `template`: as for `normalize_merged`.
     """
     targets = frozen_glob.context()
     # float32 canvases, also under autocast: they sum many patches
@@ -382,23 +387,33 @@ def local2global_collect(
     def park(x: torch.Tensor) -> torch.Tensor:
         return x.to(store) if store is not None else x
 
+    def put(x: torch.Tensor) -> None:
+        if spill is not None:
+            spill(x)
+        else:
+            kept.append(park(x))
+
     def take(name, maps, idx):
         """Sink of the local FPN: merge each patch's maps as soon as they are made."""
         if name != "ps3":
             for canvas, m in zip(groups[name], maps):
                 merge_local(canvas, m, grid, idx)
         elif keep == "ps3":
-            kept.append(park(maps))
+            put(maps)
         elif keep == "ensemble_local":
-            kept.append(park(F.conv2d(maps, w_local, None, padding=1)))
+            put(F.conv2d(maps, w_local, None, padding=1))
 
     with torch.no_grad():
         for index, patches in patch_batches:
-            outputs.append(park(model.local_maps_released(patches, frozen_glob, grid, index, take, backbone_batch)))
+            out = model.local_maps_released(patches, frozen_glob, grid, index, take, backbone_batch)
+            if keep_outputs:
+                outputs.append(park(out))
+            del out
     context = Maps.from_context([normalize_merged(c, template, inplace=True) for c in canvases])
     kept = torch.cat(kept) if kept else None
     return LocalPass(
-        context, torch.cat(outputs), kept if keep == "ps3" else None, kept if keep == "ensemble_local" else None
+        context, torch.cat(outputs) if outputs else None,
+        kept if keep == "ps3" else None, kept if keep == "ensemble_local" else None,
     )
 
 

@@ -131,16 +131,23 @@ def crop_global(fmap: torch.Tensor, grid: PatchGrid, index: Sequence[int], size:
     )
 
 
-def coverage_template(grid: PatchGrid, device: torch.device | str | None = None) -> torch.Tensor:
-    """(1, 1, H, W) float32 count of the patches covering each pixel."""
+def coverage_counts(grid: PatchGrid, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and per column of the image, the count of patch rows / columns covering it
+    (float32): the coverage template is their outer product."""
     rows = torch.zeros(grid.height, dtype=torch.float32, device=device)
     cols = torch.zeros(grid.width, dtype=torch.float32, device=device)
     p = grid.patch
-    # The grid is a product of row and column starts, so the count is an outer product.
     for t in grid.row_starts:
         rows[t : t + p] += 1
     for l in grid.col_starts:
         cols[l : l + p] += 1
+    return rows, cols
+
+
+def coverage_template(grid: PatchGrid, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, H, W) float32 count of the patches covering each pixel."""
+    # The grid is a product of row and column starts, so the count is an outer product.
+    rows, cols = coverage_counts(grid, device)
     return (rows[:, None] * cols[None, :])[None, None]
 
 
@@ -163,11 +170,40 @@ def merge_local(
     return canvas
 
 
-def normalize_merged(canvas: torch.Tensor, template: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def normalize_merged(canvas: torch.Tensor, template, inplace: bool = False) -> torch.Tensor:
     """Divide a merge canvas (1, C, h, w) by the coverage template resized bilinearly to (h, w)
-    (inplace: into the canvas itself, the same values without a second canvas)."""
-    t = F.interpolate(template, size=canvas.shape[-2:], mode="bilinear", align_corners=False)
+    (inplace: into the canvas itself, the same values without a second canvas). `template`:
+    the (1, 1, H, W) template, or a function giving its resize to a size (see
+    `resized_coverage`, which spares the full-resolution template)."""
+    size = tuple(canvas.shape[-2:])
+    if isinstance(template, torch.Tensor):
+        t = F.interpolate(template, size=size, mode="bilinear", align_corners=False)
+    else:
+        t = template(size)
     return canvas.div_(t) if inplace else canvas / t
+
+
+def resized_coverage(grid: PatchGrid, sizes, device: torch.device | str | None = None, exact: bool = True):
+    """A function size -> the coverage template resized bilinearly to that size, for each
+    of `sizes`, made without keeping the (H, W) template alive afterwards.
+
+    exact=True resizes the full template once per size (4 bytes per pixel while it runs):
+    the very values `normalize_merged` computes from it. exact=False never makes it: the
+    template is an outer product of per-row and per-column counts, and so is its bilinear
+    resize, up to float rounding (a few units in the last place; for gigapixel images)."""
+    out = {}
+    if exact:
+        template = coverage_template(grid, device)
+        for size in sizes:
+            out[tuple(size)] = F.interpolate(template, size=tuple(size), mode="bilinear", align_corners=False)
+        del template
+    else:
+        rows, cols = coverage_counts(grid, device)
+        for h, w in sizes:
+            r = F.interpolate(rows[None, None, :, None], size=(h, 1), mode="bilinear", align_corners=False)
+            c = F.interpolate(cols[None, None, None, :], size=(1, w), mode="bilinear", align_corners=False)
+            out[(h, w)] = r * c
+    return lambda size: out[tuple(size)]
 
 
 def merge_all(local_maps: torch.Tensor, grid: PatchGrid, size: Sequence[int], template: torch.Tensor) -> torch.Tensor:
@@ -178,10 +214,11 @@ def merge_all(local_maps: torch.Tensor, grid: PatchGrid, size: Sequence[int], te
 
 
 def add_patch_scores(
-    canvas: torch.Tensor, patch_logits: torch.Tensor, grid: PatchGrid, index: Sequence[int]
+    canvas: torch.Tensor, patch_logits: torch.Tensor, grid: PatchGrid, index: Sequence[int], row0: int = 0
 ) -> torch.Tensor:
     """Reassembly: resize patch logits (n, C, hp, wp) with legacy 'nearest' to p x p and
     add them into the full-resolution score canvas (C, H, W) at the patches' positions.
+    row0: the image row of the canvas's first row (a canvas holding a band of rows).
     """
     p = grid.patch
     up = F.interpolate(patch_logits, size=(p, p), mode="nearest").to(canvas.dtype)
@@ -189,5 +226,5 @@ def add_patch_scores(
         # Positions go through the ratios as in the original's patch2global.
         t = _round(grid.tops[i] / grid.height * grid.height)
         l = _round(grid.lefts[i] / grid.width * grid.width)
-        canvas[:, t : t + p, l : l + p] += up[k]
+        canvas[:, t - row0 : t - row0 + p, l : l + p] += up[k]
     return canvas

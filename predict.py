@@ -1,0 +1,298 @@
+"""Segment images of any size with trained GLNet checkpoints: image in, mask out.
+
+    python predict.py --mode 3 --model_path saved_models big.tif photos/ 'tiles/*.jpg' --out predictions
+    python predict.py --mode 3 --format index color overlay geotiff confidence scene.tif --out out
+
+Inputs are image files (JPEG, PNG, TIFF, GeoTIFF), folders (their images, not recursive) or
+globs. Per image, the outputs of --format go to --out as <stem>_mask.png etc. (utils/outputs.py);
+the predictions are evaluation's (`--evaluation --predictions_dir` gives the same classes),
+made in bounded memory (tiled.py): patches by rows, each band of output rows written as soon
+as it is final. A bad input is reported in one line and the others are still written; the
+exit status is 0 only if every input was. Under torchrun the inputs are shared out among the
+processes.
+
+This file is the command line only; the prediction is tiled.py, the image readers
+utils/raster.py, the writers utils/outputs.py.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+import traceback
+import warnings
+
+from utils.errors import UserError, error_message, release_frames
+
+DEFAULT_FORMATS = ("index", "color")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    from dataset.presets import add_dataset_args, preset_help
+    from helper import STAGES
+    from train_deep_globe import _HelpFormatter  # every default shown, once
+    from utils.outputs import FORMATS
+    from utils.raster import FAITHFUL_MAX_PIXELS
+
+    p = argparse.ArgumentParser(
+        description="Predict class masks of images of any size with GLNet checkpoints.",
+        formatter_class=_HelpFormatter,
+    )
+    a = p.add_argument
+    a("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or globs ('tiles/*.tif')")
+    a("--out", required=True, help="folder for the outputs (created if missing)")
+    a("--format", nargs="+", choices=FORMATS, default=list(DEFAULT_FORMATS), help="outputs per image")
+    a("--mode", type=int, choices=sorted(STAGES), default=3, help=", ".join(f"{m}: {s.name}" for m, s in STAGES.items()))
+    a("--model_path", default="./saved_models/", help="folder of the checkpoints; --path_* are relative to it")
+    add_dataset_args(p)
+    a("--path_g", default=None, help="global checkpoint (mode 1; the frozen global model of mode 3) " + preset_help("path_g"))
+    a("--path_g2l", default=None, help="global2local checkpoint (mode 2) " + preset_help("path_g2l"))
+    a("--path_l2g", default=None, help="local2global checkpoint (mode 3) " + preset_help("path_l2g"))
+    a("--n_class", type=int, default=None, help="number of classes of the checkpoints " + preset_help("n_class"))
+    a("--size_g", type=int, default=None, help="side of the downsampled global image, as in training " + preset_help("size_g"))
+    a("--size_p", type=int, default=None, help="side of the full-resolution patches, as in training " + preset_help("size_p"))
+    a("--sub_batch_size", type=int, default=None, help="patches per forward pass " + preset_help("sub_batch_size"))
+    a("--tta", action="store_true", help="sum scores over the 8 flips/rotations (holds the whole image's scores: memory grows with the image)")
+    a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32, as evaluation)")
+    a("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    a("--bands", default=None, help="three 1-based bands of a multispectral TIFF to use as RGB, e.g. 3,2,1")
+    a("--overlay_size", type=int, default=2048, help="long side of the overlay output, pixels")
+    a("--faithful_max_mp", type=float, default=FAITHFUL_MAX_PIXELS / 1e6,
+      help="largest image (megapixels) whose global view is evaluation's PIL resize of the whole image; larger "
+           "TIFFs get a decimated read instead (never the whole image in memory)")
+    a("--no_progress", action="store_true", help="no progress bars")
+    a("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        bands = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        bands = ()
+    if len(bands) != 3:
+        raise UserError(f"--bands {text}: give three 1-based band numbers, e.g. --bands 3,2,1")
+    return bands
+
+
+def check_args(args):
+    """Fill the --dataset preset's defaults, check the flags; returns the class table."""
+    from dataset.presets import apply_preset, classes_from_args
+    from utils.raster import RASTERIO_HINT, have_rasterio
+
+    args.data_path = None  # a preset flag predict.py has no use for
+    apply_preset(args)
+
+    for name in ("size_g", "size_p"):
+        v = getattr(args, name)
+        if v <= 0 or v % 4:
+            raise UserError(f"--{name} must be a positive multiple of 4, got {v}")
+    for name in ("sub_batch_size", "n_class", "overlay_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.n_class > 255:
+        raise UserError(f"--n_class must be at most 255 (8-bit outputs), got {args.n_class}")
+    if args.tta and "confidence" in args.format:
+        raise UserError("--format confidence is not made with --tta; leave one of them out")
+    if ("geotiff" in args.format or args.bands) and not have_rasterio():
+        what = "--format geotiff" if "geotiff" in args.format else "--bands"
+        raise UserError(f"{what} needs rasterio: {RASTERIO_HINT}")
+    args.bands = parse_bands(args.bands)
+    return classes_from_args(args)
+
+
+def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """(image files, one error line per input that gives none) from files, folders and globs."""
+    from utils.raster import IMAGE_EXTENSIONS
+
+    files, errors = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f)))
+            if not found:
+                errors.append(f"{item}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            if not found:
+                errors.append(f"{item}: no such file, folder, or matching files")
+        files.extend(f for f in found if f not in files)
+    return files, errors
+
+
+def check_stems(files: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        if stem in seen:
+            raise UserError(f"two inputs named {stem}: {seen[stem]} and {f} would write the same outputs; "
+                            "predict them into different --out folders")
+        seen[stem] = f
+
+
+def build(args, device):
+    """The model (and for mode 3 the frozen global model) from the checkpoints, as evaluation."""
+    from helper import STAGES
+    from utils import build as builder
+
+    stage = STAGES[args.mode]
+    ns = argparse.Namespace(**vars(args), evaluation=True, seed=0)
+    builder.check_checkpoints_exist(ns, stage, resuming=False)
+    model, frozen = builder.build_models(ns, stage, device)
+    builder.tune_for_device((model, frozen), device)
+    model.eval()
+    return stage, model, frozen
+
+
+def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int) -> None:
+    """A patch must cover at least one cell of the global branch's coarsest map (1/32 of
+    size_g), or its crop of the global maps is empty (GLNET_SPEC section 4)."""
+    cells = size_g
+    for _ in range(5):  # the ResNet's five stride-2 stages
+        cells = (cells + 1) // 2
+    for side in (max(height, size_p), max(width, size_p)):
+        if round(cells * size_p / side) < 1:
+            limit = int(2 * cells * size_p)
+            raise UserError(
+                f"{path}: {width}x{height} is too large for --size_g {size_g} / --size_p {size_p}: a patch would "
+                f"cover no cell of the global branch's coarsest map (sides up to {limit} px work); raise --size_g "
+                "(the model then needs training at that size) or tile the image"
+            )
+
+
+def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[str]) -> str:
+    """Predict `path` and write its outputs; returns the summary line. `inputs`: the real
+    paths of all inputs, which no output may replace."""
+    import tiled
+    from utils import outputs
+    from utils.raster import open_image
+
+    start = time.perf_counter()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    paths = outputs.output_paths(args.out, stem, args.format)
+    for p in paths.values():
+        if os.path.realpath(p) in inputs:
+            raise UserError(f"{path}: its output {p} would overwrite the input {p}; choose another --out")
+    max_side = args.overlay_size if "overlay" in args.format else None
+    with open_image(path, args.size_g, args.size_p, args.bands, max_side, int(args.faithful_max_mp * 1e6)) as src:
+        check_geometry(path, src.height, src.width, args.size_g, args.size_p)
+        if "geotiff" in args.format and src.georef is None:
+            print(f"note: {path} has no georeference: {paths['geotiff']} is a plain TIFF", file=sys.stderr)
+        if not src.faithful:
+            print(f"note: {path} is above {args.faithful_max_mp:g} MP: its global view is a decimated read "
+                  "(not evaluation's PIL resize)", file=sys.stderr)
+        opts = tiled.Options(args.size_g, args.size_p, args.sub_batch_size, args.amp, args.tta,
+                             "confidence" in args.format, not args.no_progress)
+        spools = {"classes": outputs.Spool(src.height, src.width, args.out)}
+        if opts.confidence:
+            spools["confidence"] = outputs.Spool(src.height, src.width, args.out)
+        try:
+            n_patches = 0
+            for strip in tiled.predict_strips(model, stage, src, opts, device, frozen, args.out, os.path.basename(path)):
+                spools["classes"].write(strip.top, strip.classes)
+                if strip.confidence is not None:
+                    spools["confidence"].write(strip.top, strip.confidence)
+            if not spools["classes"].complete:
+                raise RuntimeError(f"{path}: the prediction stopped at row {spools['classes'].rows_written}")
+            palette = classes.palette
+            for fmt, p in paths.items():
+                if fmt == "index":
+                    outputs.write_png(p, spools["classes"])
+                elif fmt == "color":
+                    outputs.write_png(p, spools["classes"], palette)
+                elif fmt == "confidence":
+                    outputs.write_png(p, spools["confidence"])
+                elif fmt == "geotiff":
+                    outputs.write_geotiff(p, spools["classes"], src.georef, palette)
+                elif fmt == "overlay":
+                    outputs.write_overlay(p, spools["classes"], src.thumbnail(args.overlay_size), palette)
+            if stage.main_output != "global":
+                from utils.geometry import PatchGrid
+
+                n_patches = len(PatchGrid.for_size(max(src.height, args.size_p), max(src.width, args.size_p), args.size_p))
+        finally:
+            for s in spools.values():
+                s.close()
+        seconds = time.perf_counter() - start
+        return (f"{path}: {src.width}x{src.height}, {n_patches} patches, {seconds:.1f} s -> "
+                + ", ".join(os.path.basename(p) for p in paths.values()))
+
+
+def main(args) -> int:
+    import torch
+
+    from train_deep_globe import ensure_writable_dir, get_device
+    from utils import dist
+
+    classes = check_args(args)
+    files, errors = find_inputs(args.inputs)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if not files:
+        raise UserError("no images to predict")
+    check_stems(files)
+    ensure_writable_dir(args.out, "--out")
+    procs = dist.Processes.from_env()
+    device = dist.start(procs, get_device(args.device), 600)
+    try:
+        stage, model, frozen = build(args, device)
+        torch.set_grad_enabled(False)
+        failed = len(errors) if procs.main else 0
+        status = 2 if errors else 0
+        inputs = {os.path.realpath(f) for f in files}
+        for path in files[procs.rank :: procs.world]:
+            try:
+                print(predict_one(path, args, stage, model, frozen, device, classes, inputs), flush=True)
+            except UserError as e:
+                print(f"error: {error_message(e)}", file=sys.stderr)
+                failed, status = failed + 1, max(status, 2)
+            except (RuntimeError, OSError) as e:  # e.g. out of memory, a full disk: the next image may work
+                if args.debug:
+                    traceback.print_exc()
+                print(f"error: {path}: {type(e).__name__}: {error_message(e)}", file=sys.stderr)
+                failed, status = failed + 1, max(status, 1)
+        if procs.active:
+            total = dist.sum_(procs, torch.tensor([failed, status == 1], dtype=torch.int64, device=device))
+            failed, status = int(total[0]), 1 if total[1] else (2 if total[0] else 0)
+        if failed and procs.main:
+            print(f"{failed} of {len(files) + len(errors)} inputs not written", file=sys.stderr)
+        return status
+    finally:
+        dist.stop(procs)
+
+
+def cli(argv=None) -> int:
+    try:
+        parser = get_parser()
+    except ImportError as e:
+        print(f"error: {e}; install the requirements (./run_tests.sh or env.sh set up an environment)", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return main(args)
+    except KeyboardInterrupt as e:
+        release_frames(e)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        release_frames(e)
+        if isinstance(e, UserError):
+            print(f"error: {error_message(e)}", file=sys.stderr)
+            return 2
+        if not args.debug:
+            print(f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

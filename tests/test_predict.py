@@ -1,0 +1,267 @@
+"""predict.py: the same predictions as evaluation in every mode, strip writing equal to the
+whole-image argmax, GeoTIFF in and out with its georeference, and one line per bad input."""
+import contextlib
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import helper
+import tiled
+from dataset.classes import class_table
+from models import GLNet
+from utils.checkpoint import save_state_dict
+from utils.raster import PILSource, open_image
+
+try:
+    import rasterio
+except ImportError:  # the GeoTIFF tests skip; rasterio is in requirements-dev.txt
+    rasterio = None
+
+SIZES = ["--size_g", 64, "--size_p", 128, "--sub_batch_size", 4]
+
+
+def run_predict(*argv):
+    import predict
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = predict.cli([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _random_model(seed: int, n_class: int = 7) -> GLNet:
+    torch.manual_seed(seed)
+    model = GLNet(n_class)
+    with torch.no_grad():  # larger weights than the init's, so that classes differ between pixels
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.mul_(3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_models")
+    for seed, name in enumerate(("g.pth", "g2l.pth", "l2g.pth")):
+        save_state_dict(_random_model(seed), str(root / name))
+    return ["--model_path", root, "--path_g", "g.pth", "--path_g2l", "g2l.pth", "--path_l2g", "l2g.pth",
+            "--no_progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_index_output_equals_evaluation_predictions(mode, checkpoints, synthetic_data, cli, tmp_path):
+    """On a DeepGlobe-layout split (images of sizes that are multiples of nothing), the colour
+    masks of --evaluation --predictions_dir and predict.py's index/color outputs agree pixel
+    for pixel."""
+    data, summary = synthetic_data(n_train=1, n_val=3, n_test=0, seed=31, sizes=[(150, 211), (64, 64), (40, 90)])
+    preds = tmp_path / "eval"
+    rc, _, err = cli("--data_path", data, "--log_path", tmp_path / "runs", "--mode", mode, "--evaluation",
+                     "--predictions_dir", preds, "--num_workers", 0, *SIZES, *checkpoints)
+    assert rc == 0, err
+    sat = data / "crossvali" / "Sat"
+    rc, out, err = run_predict(sat, "--out", tmp_path / "out", "--mode", mode, "--format", "index", "color",
+                               *SIZES, *checkpoints)
+    assert rc == 0, err
+    table = class_table(7)
+    ids = sorted(f[: -len("_sat.jpg")] for f in os.listdir(sat))
+    assert len(ids) == 3 and out.count("patches") == 3
+    seen = set()
+    for id_ in ids:
+        expected = np.array(Image.open(preds / f"{id_}_mask.png").convert("RGB"))
+        index = np.array(Image.open(tmp_path / "out" / f"{id_}_sat_mask.png"))
+        color = np.array(Image.open(tmp_path / "out" / f"{id_}_sat_color.png").convert("RGB"))
+        assert index.shape == expected.shape[:2]
+        np.testing.assert_array_equal(table.colorize(index), expected)
+        np.testing.assert_array_equal(color, expected)
+        seen.update(np.unique(index).tolist())
+    assert len(seen) > 1  # not one constant class: the comparison says something
+
+
+def _whole_image_prediction(model, stage, frozen, path, size_g, size_p, sub_batch):
+    from dataset.deep_globe import image_views
+
+    with Image.open(path) as im:
+        v = image_views(im, size_g, size_p)
+    h, w = v["size"]
+    with torch.no_grad():
+        pred = helper.predict(model, stage, v["image"], v["image_global"][None], size_p, sub_batch, frozen)
+    return pred[stage.main_output][:h, :w].numpy()
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_strips_equal_whole_image_argmax(mode, tmp_path):
+    """Bands of rows finished one by one give the whole-image argmax, with a patch grid whose
+    starts are multiples of nothing (full-resolution canvas) and one where the scores are
+    summed on 4x4 cells (starts 0, 64, 128); each row comes exactly once, top to bottom."""
+    model, frozen = _random_model(3, 5), _random_model(4, 5)
+    rng = np.random.default_rng(mode)
+    for h, w, size_p in [(173, 229, 128), (150, 61, 96), (256, 256, 128)]:
+        path = tmp_path / f"x{h}_{w}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        stage = helper.STAGES[mode]
+        expected = _whole_image_prediction(model, stage, frozen, path, 64, size_p, 3)
+        got = np.full((h, w), 255, dtype=np.uint8)
+        next_row = 0
+        opts = tiled.Options(64, size_p, 3, confidence=True, progress=False)
+        with PILSource(str(path), 64, size_p, None) as src:
+            for strip in tiled.predict_strips(model, stage, src, opts, torch.device("cpu"), frozen):
+                assert strip.top == next_row and strip.classes.shape[1] == w
+                assert strip.confidence.shape == strip.classes.shape
+                next_row += strip.classes.shape[0]
+                got[strip.top : next_row] = strip.classes
+        assert next_row == h
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_band_keeps_one_patch_of_rows(tmp_path):
+    """The score canvas never grows past one patch of rows, however many rows the image has."""
+    model, frozen = _random_model(5, 3), _random_model(6, 3)
+    path = tmp_path / "tall.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 100, 3), dtype=np.uint8)).save(path)
+    heights = []
+    real_add = tiled._Band.add
+
+    def spy(self, logits, index):
+        heights.append(self.data.shape[1])
+        return real_add(self, logits, index)
+
+    tiled._Band.add = spy
+    try:
+        with PILSource(str(path), 64, 128, None) as src:  # patch rows at 0, 67, 135, ..., 472
+            list(tiled.predict_strips(model, helper.STAGES[3], src, tiled.Options(64, 128, 2, progress=False),
+                                      torch.device("cpu"), frozen))
+    finally:
+        tiled._Band.add = real_add
+    assert len(heights) == 8 and set(heights) == {128}
+
+
+@pytest.mark.skipif(rasterio is None, reason="rasterio not installed")
+def test_geotiff_keeps_crs_and_transform(checkpoints, tmp_path):
+    from rasterio.transform import from_origin
+
+    h, w = 150, 133
+    data = np.random.default_rng(1).integers(0, 255, (3, h, w), dtype=np.uint8)
+    transform = from_origin(500000.0, 4200000.0, 0.5, 0.5)
+    src = tmp_path / "scene.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=transform) as dst:
+        dst.write(data)
+    rc, out, err = run_predict(src, "--out", tmp_path / "out", "--mode", 3, "--format", "geotiff", "index",
+                               "overlay", "confidence", *SIZES, *checkpoints)
+    assert rc == 0, err
+    with rasterio.open(tmp_path / "out" / "scene_mask.tif") as ds:
+        assert ds.crs.to_epsg() == 32633 and ds.transform == transform
+        assert (ds.count, ds.height, ds.width, ds.dtypes[0]) == (1, h, w, "uint8")
+        assert ds.profile["tiled"] and ds.compression.name.lower() == "deflate"
+        assert ds.colormap(1)[1][:3] == class_table(7).colors[1]
+        mask = ds.read(1)
+    index = np.array(Image.open(tmp_path / "out" / "scene_mask.png"))
+    np.testing.assert_array_equal(mask, index)
+    # the same pixels as a PNG of the image: rasterio's windows read what PIL decodes
+    Image.fromarray(data.transpose(1, 2, 0)).save(tmp_path / "scene_png.png")
+    rc, _, err = run_predict(tmp_path / "scene_png.png", "--out", tmp_path / "out2", "--mode", 3, *SIZES, *checkpoints)
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "out2" / "scene_png_mask.png")), index)
+    conf = np.array(Image.open(tmp_path / "out" / "scene_confidence.png"))
+    assert conf.shape == (h, w) and conf.min() >= 255 // 7  # the top-1 of 7 classes is at least 1/7
+    assert Image.open(tmp_path / "out" / "scene_overlay.jpg").size == (w, h)
+
+
+@pytest.mark.skipif(rasterio is None, reason="rasterio not installed")
+def test_multiband_tiff_needs_bands_and_plain_tiff_says_so(checkpoints, tmp_path):
+    h, w = 70, 80
+    data = np.random.default_rng(2).integers(0, 255, (5, h, w), dtype=np.uint8)
+    src = tmp_path / "multi.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=5, dtype="uint8") as dst:
+        dst.write(data)
+    rc, _, err = run_predict(src, "--out", tmp_path / "o", "--mode", 1, *SIZES, *checkpoints)
+    assert rc == 2 and "5 bands" in err and "--bands" in err
+    rc, out, err = run_predict(src, "--out", tmp_path / "o", "--mode", 1, "--bands", "3,2,1",
+                               "--format", "geotiff", *SIZES, *checkpoints)
+    assert rc == 0, err
+    assert "no georeference" in err and "plain TIFF" in err
+    # bands 3,2,1 are the RGB image the model sees
+    Image.fromarray(data[[2, 1, 0]].transpose(1, 2, 0)).save(tmp_path / "rgb.png")
+    rc, _, err = run_predict(tmp_path / "rgb.png", "--out", tmp_path / "o", "--mode", 1, *SIZES, *checkpoints)
+    with rasterio.open(tmp_path / "o" / "multi_mask.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), np.array(Image.open(tmp_path / "o" / "rgb_mask.png")))
+
+
+@pytest.mark.skipif(rasterio is None, reason="rasterio not installed")
+def test_decimated_global_view_above_the_faithful_size(tmp_path):
+    """Past --faithful_max_mp the global view comes from a decimated read: close to the PIL
+    resize, and the whole image is never read at once."""
+    h, w = 300, 260
+    yy, xx = np.mgrid[0:h, 0:w]
+    data = np.stack([(xx % 256), (yy % 256), ((xx + yy) // 3 % 256)]).astype(np.uint8)
+    path = tmp_path / "big.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8") as dst:
+        dst.write(data)
+    faithful = open_image(str(path), 64, 64)
+    decimated = open_image(str(path), 64, 64, max_pixels=10_000)
+    assert faithful.faithful and not decimated.faithful
+    a, b = faithful.global_view(64, 64), decimated.global_view(64, 64)
+    assert a.shape == b.shape == (3, 64, 64)
+    assert (a - b).abs().mean() < 0.02
+    np.testing.assert_array_equal(decimated.read(290, 250, 20, 20)[:, :10, :10], data[:, 290:, 250:])
+    assert not decimated.read(290, 250, 20, 20)[:, 10:, :].any()  # past the border: zero padding
+    faithful.close()
+    decimated.close()
+
+
+def test_bad_inputs_one_line_each_and_the_others_written(checkpoints, tmp_path):
+    good = tmp_path / "in" / "good.png"
+    good.parent.mkdir()
+    Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "in" / "notanimage.jpg").write_text("hello")
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint16)).save(tmp_path / "in" / "deep.png")
+    (tmp_path / "empty").mkdir()
+    rc, out, err = run_predict(tmp_path / "in", tmp_path / "empty", tmp_path / "missing*.png",
+                               "--out", tmp_path / "out", "--mode", 1, *SIZES, *checkpoints)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert sum("notanimage.jpg" in l for l in lines) == 1
+    assert sum("deep.png" in l and "16-bit" in l for l in lines) == 1
+    assert sum("no images in this folder" in l for l in lines) == 1
+    assert sum("missing*.png" in l for l in lines) == 1
+    assert lines[-1] == "4 of 5 inputs not written"
+    assert sorted(os.listdir(tmp_path / "out")) == ["good_color.png", "good_mask.png"]
+    assert "Traceback" not in err
+    # an image smaller than a patch is padded, not an error
+    assert np.array(Image.open(tmp_path / "out" / "good_mask.png")).shape == (50, 70)
+
+
+def test_refusals_before_any_work(checkpoints, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for d in (a, b):
+        Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(d / "x.png")
+    rc, _, err = run_predict(a / "x.png", b / "x.png", "--out", tmp_path / "o", *SIZES, *checkpoints)
+    assert rc == 2 and "two inputs named x" in err and err.count("\n") == 1
+    rc, _, err = run_predict(a / "x.png", "--out", tmp_path / "o", "--path_l2g", "nope.pth", *SIZES, *checkpoints[:-6],
+                             "--no_progress", "--device", "cpu")
+    assert rc == 2 and "nope.pth" in err and err.count("\n") == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, _, err = run_predict(a / "x.png", "--out", blocker / "sub", *SIZES, *checkpoints)
+    assert rc == 2 and "--out" in err and err.count("\n") == 1
+    # x_mask.png is an input: predicting x.png into the same folder would replace it
+    Image.fromarray(np.full((64, 64, 3), 7, dtype=np.uint8)).save(a / "x_mask.png")
+    before = (a / "x_mask.png").read_bytes()
+    rc, out, err = run_predict(a, "--out", a, "--mode", 1, *SIZES, *checkpoints)
+    assert rc == 2 and "would overwrite the input" in err and "x_mask.png" in err
+    assert (a / "x_mask.png").read_bytes() == before
+    assert (a / "x_mask_mask.png").exists()  # the other input was written
+
+
+def test_predict_sh_passes_its_arguments(tmp_path):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "predict.sh")
+    res = subprocess.run(["bash", script, "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=f"{os.sys.executable}"), timeout=120)
+    assert res.returncode == 0 and "--format" in res.stdout and "INPUT" in res.stdout

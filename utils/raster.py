@@ -1,0 +1,246 @@
+"""Images of any size for predict.py: read by windows, with the global view and a thumbnail.
+
+Two readers, one interface (`open_image`):
+- PIL (JPEG, PNG, BMP, WebP; TIFF when rasterio is missing) decodes the whole image once
+  (3 bytes per pixel are kept; JPEG and PNG cannot be read by windows).
+- rasterio (TIFF and GeoTIFF) reads windows of the file, so the image is never held whole
+  above `FAITHFUL_MAX_PIXELS`; it also gives the georeference that the GeoTIFF output keeps.
+
+The global view is the one evaluation uses (GLNET_SPEC section 6: the image padded to at
+least one patch, PIL bilinear resize to size_g x size_g, / 255) for every image up to
+FAITHFUL_MAX_PIXELS. Above it (rasterio only), it comes from a decimated read (GDAL
+'average' resampling of the whole image to size_g x size_g), which needs no full-resolution
+copy but is not PIL's filter: the global branch sees a slightly different image.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils.errors import UserError
+
+# Largest image (pixels) whose global view is the faithful PIL resize of the whole image;
+# 6749 x 4499 (30.4 MP, the paper's largest) fits.
+FAITHFUL_MAX_PIXELS = 32_000_000
+RASTERIO_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+RASTERIO_HINT = "pip install rasterio"
+
+
+def have_rasterio() -> bool:
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pad_image(image: Image.Image, size_p: int) -> Image.Image:
+    """Pad at the bottom/right with black to at least size_p per side (section 6)."""
+    width, height = image.size
+    pw, ph = max(width, size_p), max(height, size_p)
+    if (pw, ph) == (width, height):
+        return image
+    out = Image.new(image.mode, (pw, ph), 0 if image.mode == "L" else (0,) * len(image.getbands()))
+    out.paste(image, (0, 0))
+    return out
+
+
+def global_view(image: Image.Image, size_g: int, size_p: int) -> torch.Tensor:
+    """(3, size_g, size_g) float32: the RGB image padded to at least size_p per side, PIL
+    bilinear resize, / 255 (ToTensor without normalisation, sections 1 and 6)."""
+    small = pad_image(image, size_p).resize((size_g, size_g), Image.BILINEAR)
+    return torch.from_numpy(np.array(small)).permute(2, 0, 1).float().div(255)
+
+
+@dataclass
+class Georeference:
+    crs: Any
+    transform: Any
+
+
+class ImageSource:
+    """An RGB image, `height` x `width`, read by windows: `read(top, left, h, w)` gives
+    (3, h, w) uint8, zero past the right and bottom borders (the padding of section 6)."""
+
+    path: str
+    height: int
+    width: int
+    georef: Georeference | None = None
+    faithful: bool = True  # whether global_view is evaluation's
+
+    def read(self, top: int, left: int, h: int, w: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def global_view(self, size_g: int, size_p: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """(h, w, 3) uint8, long side at most max_side."""
+        raise NotImplementedError
+
+    def whole(self) -> np.ndarray:
+        """The whole image (3, H, W) uint8 (for --tta, which needs it)."""
+        return self.read(0, 0, self.height, self.width)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def thumb_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _window(array: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """(3, h, w) from an (H, W, 3) array, zero-filled past its bottom/right."""
+    out = np.zeros((3, h, w), dtype=np.uint8)
+    part = array[top : top + h, left : left + w]
+    out[:, : part.shape[0], : part.shape[1]] = part.transpose(2, 0, 1)
+    return out
+
+
+class PILSource(ImageSource):
+    """Decoded whole by PIL; its pixels kept once as (H, W, 3) uint8."""
+
+    def __init__(self, path: str, size_g: int, size_p: int, max_side: int | None) -> None:
+        self.path = path
+        Image.MAX_IMAGE_PIXELS = None  # large images are the point here
+        try:
+            with Image.open(path) as im:
+                im.load()
+                _check_mode(path, im)
+                image = im if im.mode == "RGB" else im.convert("RGB")
+                self.width, self.height = image.size
+                self._global = global_view(image, size_g, size_p)
+                self._thumb = (np.array(image.resize(thumb_size(self.height, self.width, max_side)[::-1], Image.BILINEAR))
+                               if max_side else None)
+                self.array = np.asarray(image)
+                del image
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"cannot read {path}: not an image, or a corrupt or truncated one ({e})") from e
+
+    def read(self, top, left, h, w):
+        return _window(self.array, top, left, h, w)
+
+    def global_view(self, size_g, size_p):
+        return self._global
+
+    def thumbnail(self, max_side):
+        return self._thumb
+
+
+def _check_mode(path: str, im: Image.Image) -> None:
+    """8-bit images only: 16-bit and float data would need a scaling we cannot guess."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise UserError(f"{path}: {im.mode} pixels (16-bit or float); the model takes 8-bit RGB: "
+                        "rescale to 8 bits first (e.g. gdal_translate -ot Byte -scale)")
+    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr", "1"):
+        raise UserError(f"{path}: unsupported image mode {im.mode}; the model takes 8-bit RGB")
+
+
+class RasterioSource(ImageSource):
+    """A TIFF/GeoTIFF read by windows with rasterio; `bands` picks 3 bands (1-based)."""
+
+    def __init__(self, path: str, size_g: int, size_p: int, bands: tuple[int, ...] | None,
+                 max_pixels: int = FAITHFUL_MAX_PIXELS) -> None:
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        self.path = path
+        try:
+            self.ds = rasterio.open(path)
+        except RasterioIOError as e:
+            raise UserError(f"cannot read {path}: not an image, or a corrupt or truncated one ({e})") from e
+        ds = self.ds
+        try:
+            self.height, self.width = ds.height, ds.width
+            self.bands = self._pick_bands(ds.count, bands)
+            dtypes = {ds.dtypes[b - 1] for b in self.bands}
+            if dtypes != {"uint8"}:
+                raise UserError(f"{path}: {'/'.join(sorted(dtypes))} pixels; the model takes 8-bit RGB: rescale to "
+                                "8 bits first (e.g. gdal_translate -ot Byte -scale)")
+            if ds.crs is not None or not ds.transform.is_identity:
+                self.georef = Georeference(ds.crs, ds.transform)
+            self.faithful = self.height * self.width <= max_pixels
+            self._global = self._make_global(size_g, size_p)
+        except Exception:
+            ds.close()
+            raise
+
+    def _pick_bands(self, count: int, bands) -> tuple[int, ...]:
+        if bands is not None:
+            bad = [b for b in bands if not 1 <= b <= count]
+            if bad:
+                raise UserError(f"{self.path} has {count} band(s): --bands {bad[0]} does not exist")
+            return tuple(bands)
+        if count == 1:
+            return (1, 1, 1)  # grey, as PIL's L -> RGB
+        if count in (3, 4):
+            return (1, 2, 3)  # RGB (an alpha band is dropped, as PIL's RGBA -> RGB)
+        raise UserError(f"{self.path} has {count} bands; pick the three to use as RGB with --bands, e.g. --bands 3,2,1")
+
+    def _read(self, window=None, out_shape=None, resampling=None) -> np.ndarray:
+        from rasterio.errors import RasterioIOError
+
+        unique = sorted(set(self.bands))
+        kw = {} if out_shape is None else dict(out_shape=(len(unique), *out_shape), resampling=resampling)
+        try:
+            data = self.ds.read(unique, window=window, **kw)
+        except RasterioIOError as e:
+            raise UserError(f"cannot read {self.path}: corrupt or truncated ({e})") from e
+        return data[[unique.index(b) for b in self.bands]]
+
+    def read(self, top, left, h, w):
+        from rasterio.windows import Window
+
+        out = np.zeros((3, h, w), dtype=np.uint8)
+        hh, ww = min(h, self.height - top), min(w, self.width - left)
+        if hh > 0 and ww > 0:
+            out[:, :hh, :ww] = self._read(Window(left, top, ww, hh))
+        return out
+
+    def _make_global(self, size_g: int, size_p: int) -> torch.Tensor:
+        if self.faithful:
+            image = Image.fromarray(self._read().transpose(1, 2, 0))
+            return global_view(image, size_g, size_p)
+        from rasterio.enums import Resampling
+
+        small = self._read(out_shape=(size_g, size_g), resampling=Resampling.average)
+        return torch.from_numpy(np.ascontiguousarray(small)).float().div(255)
+
+    def global_view(self, size_g, size_p):
+        return self._global
+
+    def thumbnail(self, max_side):
+        from rasterio.enums import Resampling
+
+        return self._read(out_shape=thumb_size(self.height, self.width, max_side),
+                          resampling=Resampling.average).transpose(1, 2, 0).copy()
+
+    def close(self):
+        self.ds.close()
+
+
+def open_image(path: str, size_g: int, size_p: int, bands: tuple[int, ...] | None = None,
+               max_side: int | None = None, max_pixels: int = FAITHFUL_MAX_PIXELS) -> ImageSource:
+    """The reader for `path`: rasterio for TIFF when installed, PIL otherwise. `max_side`:
+    the PIL reader makes a thumbnail of that long side while it has the image (overlays)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    if path.lower().endswith(RASTERIO_EXTENSIONS) and have_rasterio():
+        return RasterioSource(path, size_g, size_p, bands, max_pixels)
+    if bands is not None:
+        raise UserError(f"--bands needs a TIFF read with rasterio ({RASTERIO_HINT}); {path} is read with PIL")
+    return PILSource(path, size_g, size_p, max_side)
