@@ -351,6 +351,15 @@ def test_isic_split_does_not_depend_on_file_order_and_follows_the_seed(tmp_path,
     assert sat_ids(tmp_path / "out_c", "test", ".jpg") == sha_split([f"ISIC_{n:07d}" for n in ISIC_IDS], 7)["test"]
 
 
+def test_isic_worker_processes_give_the_same_files(isic_raw, tmp_path, capsys):
+    assert run_isic(isic_raw, tmp_path / "one") == 0
+    assert prepare_isic.main(["--raw_path", str(isic_raw), "--data_path", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert "Sat:   20 hard-linked" in capsys.readouterr().out.split("preparation summary")[-1]
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    for path in (tmp_path / "one").rglob("*_mask.png"):
+        np.testing.assert_array_equal(read_label(path), read_label(tmp_path / "two" / path.relative_to(tmp_path / "one")))
+
+
 def test_isic_full_size_split_is_2074_260_260():
     ids = [f"ISIC_{n:07d}" for n in range(0, 2 * 2594, 2)]
     lists = prepare_isic.seeded_split(ids, 0)
