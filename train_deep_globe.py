@@ -76,6 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--sub_batch_size", type=int, default=None, help=f"patches per forward pass {ph('sub_batch_size')}")
     a("--size_g", type=int, default=None, help=f"side of the downsampled global image {ph('size_g')}")
     a("--size_p", type=int, default=None, help=f"side of the full-resolution patches {ph('size_p')}")
+    a("--global_view", choices=("square", "aspect"), default="square", help="global view: square = squashed to size_g x size_g (the original); aspect = long side size_g, aspect ratio kept (needs --batch_size 1)")
     a("--path_g", type=str, default=None, help=f"global checkpoint (modes 2, 3; mode 1 evaluation) {ph('path_g')}")
     a("--path_g2l", type=str, default=None, help=f"global2local checkpoint (mode 3 training; mode 2 evaluation) {ph('path_g2l')}")
     a("--path_l2g", type=str, default=None, help=f"local2global checkpoint (mode 3 evaluation) {ph('path_l2g')}")

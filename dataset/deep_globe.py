@@ -262,31 +262,52 @@ def _to_float(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div(255)
 
 
-def image_views(image: Image.Image, size_g: int, size_p: int) -> dict[str, Any]:
+GLOBAL_VIEWS = ("square", "aspect")
+MIN_ASPECT_SIDE = 64  # short side of an 'aspect' global view, at least (BatchNorm needs a c5 of 2x2)
+
+
+def global_size(height: int, width: int, size_g: int, view: str = "square") -> tuple[int, int]:
+    """(h, w) of the global view of a (padded) H x W image. 'square': size_g x size_g, the
+    original's squash (section 6). 'aspect': the long side size_g, the short side scaled
+    alike and rounded to a multiple of 4 (the FPN output is 1/4 of the input), at least
+    min(size_g, MIN_ASPECT_SIDE). Patch crops and merges follow either: they are ratios of
+    the map's own size (utils/geometry.py)."""
+    if view == "square":
+        return size_g, size_g
+    if view != "aspect":
+        raise ValueError(f"global view must be one of {GLOBAL_VIEWS}, got {view!r}")
+    long_, short = max(height, width), min(height, width)
+    side = max(min(size_g, MIN_ASPECT_SIDE), int(size_g * short / long_ / 4 + 0.5) * 4)
+    return (size_g, side) if height >= width else (side, size_g)
+
+
+def image_views(image: Image.Image, size_g: int, size_p: int, global_view: str = "square") -> dict[str, Any]:
     """The model's inputs from one image (section 6): {"size": (H, W) before padding,
     "image": uint8 (3, H', W') padded with 0 to at least size_p per side, "image_global":
-    float32 (3, size_g, size_g), PIL bilinear resize of the padded image, / 255}.
-    A non-RGB image is converted to RGB first."""
+    float32 (3, h, w), PIL bilinear resize of the padded image to `global_size` (size_g x
+    size_g for the default 'square' view), / 255}. A non-RGB image is converted to RGB first."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
     image = _pad(image, size_p, (0, 0, 0))
+    h, w = global_size(image.height, image.width, size_g, global_view)
     return {
         "size": (height, width),
         "image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
-        "image_global": _to_float(image.resize((size_g, size_g), Image.BILINEAR)),
+        "image_global": _to_float(image.resize((w, h), Image.BILINEAR)),
     }
 
 
-def label_views(label: Image.Image, size_g: int, size_p: int, ignore_index: int = IGNORE_LABEL) -> dict[str, Any]:
+def label_views(label: Image.Image, size_g: int, size_p: int, ignore_index: int = IGNORE_LABEL,
+                global_view: str = "square") -> dict[str, Any]:
     """The targets from one class-index mask (mode 'L'), padded as `image_views` pads its
     image: {"label": uint8 (H', W') padded with ignore_index, "label_global": int64
-    (size_g/4, size_g/4), PIL NEAREST resize of the padded label}."""
+    (h/4, w/4) of the image's global view, PIL NEAREST resize of the padded label}."""
     label = _pad(label, size_p, ignore_index)
-    g = size_g // 4
+    h, w = global_size(label.height, label.width, size_g, global_view)
     return {
         "label": torch.from_numpy(np.asarray(label).copy()),
-        "label_global": torch.from_numpy(np.asarray(label.resize((g, g), Image.NEAREST)).astype(np.int64)),
+        "label_global": torch.from_numpy(np.asarray(label.resize((w // 4, h // 4), Image.NEAREST)).astype(np.int64)),
     }
 
 
@@ -304,8 +325,10 @@ class DeepGlobe(Dataset):
         train: bool = False,
         seed: int = 0,
         classes: ClassTable | None = None,
+        global_view: str = "square",
     ) -> None:
-        """`classes`: the table masks are decoded with (default `class_table(n_class)`)."""
+        """`classes`: the table masks are decoded with (default `class_table(n_class)`);
+        `global_view`: see `global_size`."""
         self.root = split_dir(data_path, split)
         if not os.path.isdir(self.root):
             raise UserError(f"data split not found: {self.root}")
@@ -316,6 +339,7 @@ class DeepGlobe(Dataset):
         if self.classes.n_class != n_class:
             raise UserError(f"--n_class {n_class} but class table {self.classes.name!r} has {self.classes.n_class} classes")
         self.labels, self.train, self.seed = labels, train, seed
+        self.global_view = global_view
         self.epoch = 0
 
     @staticmethod
@@ -374,15 +398,16 @@ class DeepGlobe(Dataset):
             _check_label_size(path, image.size, label.size)
         if self.train:
             image, label = augment(image, label, random.Random(hash((self.seed, self.epoch, index))))
-        sample = {"id": id_, **image_views(image, self.size_g, self.size_p)}
+        sample = {"id": id_, **image_views(image, self.size_g, self.size_p, self.global_view)}
         if label is not None:
-            sample.update(label_views(label, self.size_g, self.size_p, self.classes.ignore_index))
+            sample.update(label_views(label, self.size_g, self.size_p, self.classes.ignore_index, self.global_view))
         return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batches keep full-resolution images as lists, so images of mixed sizes can share
-    a batch; the global images (all size_g) are stacked."""
+    a batch; the global images (all size_g x size_g, or one image with --global_view
+    aspect) are stacked."""
     out = {k: [s[k] for s in samples] for k in samples[0]}
     out["image_global"] = torch.stack(out["image_global"])
     if "label_global" in out:

@@ -135,9 +135,14 @@ def classes_from_args(args: argparse.Namespace) -> ClassTable:
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments of `DeepGlobe.open` for a run: the class table and the hint of a
-    missing --data_path."""
-    return {"classes": classes_from_args(args), "hint": PRESETS[args.dataset].prepare}
+    """Keyword arguments of `DeepGlobe.open` for a run: the class table, the hint of a
+    missing --data_path and the global view (--global_view aspect needs --batch_size 1:
+    global views of different shapes cannot be stacked into one batch)."""
+    view = getattr(args, "global_view", "square")
+    if view == "aspect" and args.batch_size != 1:
+        raise UserError(f"--global_view aspect needs --batch_size 1 (global views of different shapes cannot share "
+                        f"a batch), got {args.batch_size}")
+    return {"classes": classes_from_args(args), "hint": PRESETS[args.dataset].prepare, "global_view": view}
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:

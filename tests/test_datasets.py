@@ -469,3 +469,63 @@ def test_foreground_of_an_easy_binary_task_is_learned(tmp_path):
     iou = cms["global"].iou()
     share = sum(float((val[i]["label"] == 1).float().mean()) for i in range(len(val))) / len(val)
     assert iou[1] > 0.3 and iou[1] > 2 * share, (iou, share)  # predicting 'blob' everywhere scores `share`
+
+
+# ----------------------------------------------------------------------------- --global_view aspect
+
+from dataset.deep_globe import global_size, image_views, label_views  # noqa: E402
+
+
+def test_global_size_square_and_aspect():
+    assert global_size(100, 200, 128) == (128, 128)  # square: the original's squash
+    assert global_size(512, 384, 128, "aspect") == (128, 96)  # 128 * 384 / 512
+    assert global_size(100, 200, 128, "aspect") == (64, 128)
+    assert global_size(250, 1000, 160, "aspect") == (64, 160)  # 40 px, raised to the 64 px floor
+    assert global_size(300, 100, 128, "aspect") == (128, 64)
+    assert global_size(200, 200, 128, "aspect") == (128, 128)
+    with pytest.raises(ValueError):
+        global_size(1, 1, 8, "round")
+
+
+def test_aspect_views_keep_the_shape_of_the_image():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 192, 3), dtype=np.uint8))
+    lab = Image.fromarray(np.ones((96, 192), np.uint8))
+    square = image_views(img, 128, 64)
+    aspect = image_views(img, 128, 64, "aspect")
+    assert square["image_global"].shape == (3, 128, 128) and aspect["image_global"].shape == (3, 64, 128)
+    assert torch.equal(square["image"], aspect["image"])  # the full-resolution image is the same
+    assert label_views(lab, 128, 64, global_view="aspect")["label_global"].shape == (16, 32)
+    assert label_views(lab, 128, 64)["label_global"].shape == (32, 32)
+
+
+def test_patch_crops_of_a_non_square_global_map_land_on_the_patch():
+    """A 128 x 256 image, 128 px patches at columns 0, 64, 128 (overlap >= 50), aspect view
+    64 x 128 = an exact halving: the crop of the view at each patch is the part under it
+    (columns 0, 32, 64 of the view, 64 wide)."""
+    from utils.geometry import PatchGrid, crop_global
+
+    grid = PatchGrid.for_size(128, 256, 128)
+    assert grid.lefts == (0, 64, 128) and grid.tops == (0, 0, 0)
+    view = torch.arange(64 * 128, dtype=torch.float32).reshape(1, 1, 64, 128)
+    crops = crop_global(view, grid, [0, 1, 2], (64, 64))
+    for k, left in enumerate((0, 32, 64)):
+        assert torch.equal(crops[k, 0], view[0, 0, :, left:left + 64]), k
+
+
+def test_aspect_view_trains_modes_1_and_2_through_the_cli(tmp_path, cli):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for split in ("train", "crossvali"):
+        for i, (h, w) in enumerate(((96, 160), (160, 96))):  # landscape and portrait
+            _pair(data, f"{split}{i}", ".png", size=(w, h), mask=rng.integers(0, 2, (h, w), dtype=np.uint8), split=split)
+    common = ["--dataset", "isic", "--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
+              "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu", "--size_g", 128,
+              "--size_p", 64, "--num_epochs", 1, "--global_view", "aspect"]
+    rc, out, err = cli(*common, "--batch_size", 2)
+    assert rc == 2 and "--global_view aspect needs --batch_size 1" in err and err.count("\n") == 1
+    rc, out, err = cli(*common, "--batch_size", 1, "--mode", 1)
+    assert rc == 0, err
+    rc, out, err = cli(*common, "--batch_size", 1, "--mode", 2, "--sub_batch_size", 4)
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "r" / "fpn_isic_global2local.train.args.json").read_text())
+    assert saved["global_view"] == "aspect"
