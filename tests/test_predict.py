@@ -131,8 +131,8 @@ def test_band_keeps_one_patch_of_rows(tmp_path):
 
     tiled._Band.add = spy
     try:
-        with PILSource(str(path), 64, 128, None) as src:  # patch rows at 0, 67, 135, ..., 472
-            list(tiled.predict_strips(model, helper.STAGES[3], src, tiled.Options(64, 128, 2, progress=False),
+        with PILSource(str(path), 128, 128, None) as src:  # patch rows at 0, 67, 135, ..., 472
+            list(tiled.predict_strips(model, helper.STAGES[3], src, tiled.Options(128, 128, 2, progress=False),
                                       torch.device("cpu"), frozen))
     finally:
         tiled._Band.add = real_add
@@ -220,6 +220,8 @@ def test_bad_inputs_one_line_each_and_the_others_written(checkpoints, tmp_path):
     (tmp_path / "in" / "notanimage.jpg").write_text("hello")
     Image.fromarray(np.zeros((40, 40), dtype=np.uint16)).save(tmp_path / "in" / "deep.png")
     (tmp_path / "empty").mkdir()
+    # 600 px: at --size_g 64 the global c5 map has 2 cells, round(2 * 128 / 600) = 0 per patch
+    Image.fromarray(np.zeros((600, 60, 3), dtype=np.uint8)).save(tmp_path / "in" / "tall.png")
     rc, out, err = run_predict(tmp_path / "in", tmp_path / "empty", tmp_path / "missing*.png",
                                "--out", tmp_path / "out", "--mode", 1, *SIZES, *checkpoints)
     assert rc == 2
@@ -228,7 +230,8 @@ def test_bad_inputs_one_line_each_and_the_others_written(checkpoints, tmp_path):
     assert sum("deep.png" in l and "16-bit" in l for l in lines) == 1
     assert sum("no images in this folder" in l for l in lines) == 1
     assert sum("missing*.png" in l for l in lines) == 1
-    assert lines[-1] == "4 of 5 inputs not written"
+    assert sum("tall.png" in l and "too large for --size_g 64" in l for l in lines) == 1
+    assert lines[-1] == "5 of 6 inputs not written"
     assert sorted(os.listdir(tmp_path / "out")) == ["good_color.png", "good_mask.png"]
     assert "Traceback" not in err
     # an image smaller than a patch is padded, not an error
@@ -242,8 +245,7 @@ def test_refusals_before_any_work(checkpoints, tmp_path):
         Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(d / "x.png")
     rc, _, err = run_predict(a / "x.png", b / "x.png", "--out", tmp_path / "o", *SIZES, *checkpoints)
     assert rc == 2 and "two inputs named x" in err and err.count("\n") == 1
-    rc, _, err = run_predict(a / "x.png", "--out", tmp_path / "o", "--path_l2g", "nope.pth", *SIZES, *checkpoints[:-6],
-                             "--no_progress", "--device", "cpu")
+    rc, _, err = run_predict(a / "x.png", "--out", tmp_path / "o", *SIZES, *checkpoints, "--path_l2g", "nope.pth")
     assert rc == 2 and "nope.pth" in err and err.count("\n") == 1
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -265,3 +267,31 @@ def test_predict_sh_passes_its_arguments(tmp_path):
     res = subprocess.run(["bash", script, "--help"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHON=f"{os.sys.executable}"), timeout=120)
     assert res.returncode == 0 and "--format" in res.stdout and "INPUT" in res.stdout
+
+
+def test_torchrun_shares_the_inputs_out(checkpoints, tmp_path):
+    """Two processes under torchrun: each image is predicted by one of them, written once, the
+    same as in one process; a bad input on either process makes the exit status 2."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (90 + 10 * i, 120, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    common = ["--mode", 1, *SIZES, *checkpoints]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(repo, "predict.py"), folder, "--out", tmp_path / "two", *common]
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode != 0 and "broken.png" in res.stderr
+    assert res.stdout.count("patches") == 3  # one summary line per good image, over both processes
+    rc, _, err = run_predict(folder, "--out", tmp_path / "one", *common)
+    assert rc == 2 and "broken.png" in err
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -108,7 +109,10 @@ def write_geotiff(path: str, spool: Spool, georef, palette: np.ndarray) -> None:
         profile.update(crs=georef.crs, transform=georef.transform)
     tmp = temp_name(path)
     try:
-        with rasterio.Env(), rasterio.open(tmp, "w", **profile) as dst:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # a plain TIFF: said already
+            dst = rasterio.open(tmp, "w", **profile)
+        with dst:
             for top, band in spool.bands():
                 dst.write(band[None], window=Window(0, top, spool.width, band.shape[0]))
             dst.write_colormap(1, {i: (*(int(v) for v in c), 255) for i, c in enumerate(palette)})

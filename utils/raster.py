@@ -15,6 +15,7 @@ copy but is not PIL's filter: the global branch sees a slightly different image.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +161,9 @@ class RasterioSource(ImageSource):
 
         self.path = path
         try:
-            self.ds = rasterio.open(path)
+            with warnings.catch_warnings():  # no georeference: predict.py says so in its own words
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self.ds = rasterio.open(path)
         except RasterioIOError as e:
             raise UserError(f"cannot read {path}: not an image, or a corrupt or truncated one ({e})") from e
         ds = self.ds
