@@ -62,6 +62,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--faithful_max_mp", type=float, default=FAITHFUL_MAX_PIXELS / 1e6,
       help="largest image (megapixels) whose global view is evaluation's PIL resize of the whole image; larger "
            "TIFFs get a decimated read instead (never the whole image in memory)")
+    a("--dist_timeout", type=float, default=86400, help="under torchrun: seconds a process that is done waits for "
+      "the others at the end (the inputs are shared out whole, so one process may have the one large image)")
     a("--no_progress", action="store_true", help="no progress bars")
     a("--debug", action="store_true", help="show tracebacks for errors")
     return p
@@ -106,10 +108,12 @@ def check_args(args):
 
 
 def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """(image files, one error line per input that gives none) from files, folders and globs."""
+    """(image files, one error line per input that gives none) from files, folders and globs;
+    a file named twice (by any path) counts once. Of two files with the same stem (their
+    outputs would have the same names) the first is kept and the other gets an error line."""
     from utils.raster import IMAGE_EXTENSIONS
 
-    files, errors = [], []
+    files, errors, real, stems = [], [], set(), {}
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(os.path.join(item, f) for f in os.listdir(item)
@@ -122,18 +126,18 @@ def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             found = sorted(f for f in glob.glob(item) if os.path.isfile(f))
             if not found:
                 errors.append(f"{item}: no such file, folder, or matching files")
-        files.extend(f for f in found if f not in files)
+        for f in found:
+            if os.path.realpath(f) in real:
+                continue
+            real.add(os.path.realpath(f))
+            stem = os.path.splitext(os.path.basename(f))[0]
+            if stem in stems:
+                errors.append(f"{f}: another input, {stems[stem]}, has the same name {stem}: its outputs would "
+                              "replace those; predict it into another --out folder")
+                continue
+            stems[stem] = f
+            files.append(f)
     return files, errors
-
-
-def check_stems(files: list[str]) -> None:
-    seen: dict[str, str] = {}
-    for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        if stem in seen:
-            raise UserError(f"two inputs named {stem}: {seen[stem]} and {f} would write the same outputs; "
-                            "predict them into different --out folders")
-        seen[stem] = f
 
 
 def build(args, device):
@@ -171,7 +175,7 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
     paths of all inputs, which no output may replace."""
     import tiled
     from utils import outputs
-    from utils.raster import open_image
+    from utils.raster import image_size, open_image
 
     start = time.perf_counter()
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -180,8 +184,8 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
         if os.path.realpath(p) in inputs:
             raise UserError(f"{path}: its output {p} would overwrite the input {p}; choose another --out")
     max_side = args.overlay_size if "overlay" in args.format else None
+    check_geometry(path, *image_size(path), args.size_g, args.size_p)  # before decoding a huge image
     with open_image(path, args.size_g, args.size_p, args.bands, max_side, int(args.faithful_max_mp * 1e6)) as src:
-        check_geometry(path, src.height, src.width, args.size_g, args.size_p)
         if "geotiff" in args.format and src.georef is None:
             print(f"note: {path} has no georeference: {paths['geotiff']} is a plain TIFF", file=sys.stderr)
         if not src.faithful:
@@ -229,17 +233,18 @@ def main(args) -> int:
 
     from train_deep_globe import ensure_writable_dir, get_device
     from utils import dist
+    from utils.raster import limit_gdal_cache
 
+    limit_gdal_cache()
     classes = check_args(args)
     files, errors = find_inputs(args.inputs)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not files:
         raise UserError("no images to predict")
-    check_stems(files)
     ensure_writable_dir(args.out, "--out")
     procs = dist.Processes.from_env()
-    device = dist.start(procs, get_device(args.device), 600)
+    device = dist.start(procs, get_device(args.device), args.dist_timeout)
     try:
         stage, model, frozen = build(args, device)
         torch.set_grad_enabled(False)
@@ -252,7 +257,7 @@ def main(args) -> int:
             except UserError as e:
                 print(f"error: {error_message(e)}", file=sys.stderr)
                 failed, status = failed + 1, max(status, 2)
-            except (RuntimeError, OSError) as e:  # e.g. out of memory, a full disk: the next image may work
+            except Exception as e:  # e.g. out of memory, a full disk, a library's error: the next image may work
                 if args.debug:
                     traceback.print_exc()
                 print(f"error: {path}: {type(e).__name__}: {error_message(e)}", file=sys.stderr)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import helper
 from models.glnet import Release, global2local, local2global_collect, local2global_ensemble
-from utils.geometry import PatchGrid, add_patch_scores, resized_coverage
+from utils.geometry import PatchGrid, add_patch_scores, coverage_counts, resized_coverage
 from utils.raster import ImageSource
 
 STRIP_ROWS = 256  # rows per strip of the mode-1 and --tta outputs
@@ -54,12 +54,13 @@ class Options:
     progress: bool = True
 
 
-def _finish(scores: torch.Tensor, stride: int, confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores (C, h, w) -> class indices (h*stride, w*stride) uint8 and the top-1 probability."""
+def _finish(scores: torch.Tensor, stride: int, coverage: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores (C, h, w) -> class indices (h*stride, w*stride) uint8 and, given the count of
+    patches summed at each cell (h, w), the top-1 probability of their mean logits."""
     classes = helper.upsample_canvas(scores.argmax(0), stride).to(torch.uint8)
     conf = None
-    if confidence:
-        p = torch.softmax(scores.float(), 0).amax(0)
+    if coverage is not None:
+        p = torch.softmax(scores.float() / coverage, 0).amax(0)
         conf = helper.upsample_canvas(p.mul(255).round_().to(torch.uint8), stride)
     return classes, conf
 
@@ -81,6 +82,12 @@ class _Band:
     def __init__(self, n_class: int, sgrid: PatchGrid, device: torch.device) -> None:
         self.sgrid, self.top = sgrid, 0
         self.data = torch.zeros((n_class, sgrid.patch, sgrid.width), dtype=torch.float32, device=device)
+        self.counts = coverage_counts(sgrid, device)  # patches per cell row and per cell column
+
+    def coverage(self, top: int, n: int) -> torch.Tensor:
+        """(n, width): the number of patches summed at each cell of rows top .. top + n."""
+        rows, cols = self.counts
+        return rows[top : top + n, None] * cols[None, :]
 
     def add(self, logits: torch.Tensor, index: list[int]) -> None:
         add_patch_scores(self.data, logits, self.sgrid, index, row0=self.top)
@@ -174,7 +181,8 @@ def _finish_rows(band: _Band, upto: int, stride: int, opts: Options, height: int
     top = band.top
     done = band.finish(upto)
     if done is not None:
-        strip = _strip(top * stride, *_finish(done, stride, opts.confidence), height, width)
+        coverage = band.coverage(top, done.shape[1]) if opts.confidence else None
+        strip = _strip(top * stride, *_finish(done, stride, coverage), height, width)
         if strip is not None:
             yield strip
 

@@ -117,26 +117,57 @@ def test_strips_equal_whole_image_argmax(mode, tmp_path):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_band_keeps_one_patch_of_rows(tmp_path):
-    """The score canvas never grows past one patch of rows, however many rows the image has."""
-    model, frozen = _random_model(5, 3), _random_model(6, 3)
+def test_rows_leave_before_the_image_is_read(tmp_path):
+    """Mode 2: the first rows are handed out while later rows of patches are still unread
+    (the scores of the whole image are never held), and the strips cover the image once."""
+    model = _random_model(5, 3)
     path = tmp_path / "tall.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 100, 3), dtype=np.uint8)).save(path)
-    heights = []
-    real_add = tiled._Band.add
+    events = []
+    with PILSource(str(path), 128, 128, None) as src:  # patch rows at 0, 67, 135, ..., 472
+        real_read = src.read
 
-    def spy(self, logits, index):
-        heights.append(self.data.shape[1])
-        return real_add(self, logits, index)
+        def read(top, left, h, w):
+            events.append(("read", top))
+            return real_read(top, left, h, w)
 
-    tiled._Band.add = spy
-    try:
-        with PILSource(str(path), 128, 128, None) as src:  # patch rows at 0, 67, 135, ..., 472
-            list(tiled.predict_strips(model, helper.STAGES[3], src, tiled.Options(128, 128, 2, progress=False),
-                                      torch.device("cpu"), frozen))
-    finally:
-        tiled._Band.add = real_add
-    assert len(heights) == 8 and set(heights) == {128}
+        src.read = read
+        for strip in tiled.predict_strips(model, helper.STAGES[2], src, tiled.Options(128, 128, 2, progress=False),
+                                          torch.device("cpu")):
+            events.append(("strip", strip.top, strip.top + strip.classes.shape[0]))
+    reads = [e[1] for e in events if e[0] == "read"]
+    strips = [e[1:] for e in events if e[0] == "strip"]
+    assert reads == [0, 67, 135, 202, 270, 337, 405, 472]  # each row of patches read once, in order
+    # rows 0..67 are final once the second row of patches is about to be added
+    assert strips[0] == (0, 67) and events.index(("strip", 0, 67)) < events.index(("read", 135))
+    assert [a for a, _ in strips[1:]] == [b for _, b in strips[:-1]] and strips[-1][1] == 600
+
+
+def test_confidence_is_the_probability_of_the_mean_logits(tmp_path):
+    """Where patches overlap, the scores are sums: the confidence is the top-1 softmax of
+    their mean, not of the sum (which would be inflated in overlaps)."""
+    from dataset.deep_globe import image_views
+    from utils.geometry import PatchGrid, coverage_template
+
+    torch.manual_seed(7)
+    model = GLNet(4).eval()  # the init's scale: probabilities well inside (0, 1)
+    path = tmp_path / "c.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (170, 150, 3), dtype=np.uint8)).save(path)
+    with Image.open(path) as im:
+        v = image_views(im, 64, 128)
+    stage = helper.STAGES[2]
+    s = helper.predict_scores(model, stage, v["image"], v["image_global"][None], 128, 3)
+    count = coverage_template(PatchGrid.for_size(170, 150, 128))[0, 0]  # starts 0, 42 and 0, 22
+    assert count.max() == 4
+    mean = helper.upsample_canvas(s.aggregated, s.stride) / count
+    expected = torch.softmax(mean, 0).amax(0).mul(255).round().to(torch.uint8).numpy()
+    assert len(np.unique(expected)) > 5  # probabilities that vary: the comparison says something
+    got = np.zeros((170, 150), dtype=np.uint8)
+    with PILSource(str(path), 64, 128, None) as src:
+        for strip in tiled.predict_strips(model, stage, src, tiled.Options(64, 128, 3, confidence=True, progress=False),
+                                          torch.device("cpu")):
+            got[strip.top : strip.top + len(strip.confidence)] = strip.confidence
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.skipif(rasterio is None, reason="rasterio not installed")
@@ -218,6 +249,9 @@ def test_bad_inputs_one_line_each_and_the_others_written(checkpoints, tmp_path):
     good.parent.mkdir()
     Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(good)
     (tmp_path / "in" / "notanimage.jpg").write_text("hello")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((80, 80, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (tmp_path / "in" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
     Image.fromarray(np.zeros((40, 40), dtype=np.uint16)).save(tmp_path / "in" / "deep.png")
     (tmp_path / "empty").mkdir()
     # 600 px: at --size_g 64 the global c5 map has 2 cells, round(2 * 128 / 600) = 0 per patch
@@ -227,11 +261,12 @@ def test_bad_inputs_one_line_each_and_the_others_written(checkpoints, tmp_path):
     assert rc == 2
     lines = err.strip().splitlines()
     assert sum("notanimage.jpg" in l for l in lines) == 1
+    assert sum("truncated.jpg" in l and "truncated" in l for l in lines) == 1
     assert sum("deep.png" in l and "16-bit" in l for l in lines) == 1
     assert sum("no images in this folder" in l for l in lines) == 1
     assert sum("missing*.png" in l for l in lines) == 1
     assert sum("tall.png" in l and "too large for --size_g 64" in l for l in lines) == 1
-    assert lines[-1] == "5 of 6 inputs not written"
+    assert lines[-1] == "6 of 7 inputs not written"
     assert sorted(os.listdir(tmp_path / "out")) == ["good_color.png", "good_mask.png"]
     assert "Traceback" not in err
     # an image smaller than a patch is padded, not an error
@@ -243,8 +278,9 @@ def test_refusals_before_any_work(checkpoints, tmp_path):
     a.mkdir(), b.mkdir()
     for d in (a, b):
         Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(d / "x.png")
-    rc, _, err = run_predict(a / "x.png", b / "x.png", "--out", tmp_path / "o", *SIZES, *checkpoints)
-    assert rc == 2 and "two inputs named x" in err and err.count("\n") == 1
+    rc, out, err = run_predict(a / "x.png", b / "x.png", "--out", tmp_path / "o", "--mode", 1, *SIZES, *checkpoints)
+    assert rc == 2 and str(b / "x.png") in err and "same name x" in err
+    assert out.count("patches") == 1 and (tmp_path / "o" / "x_mask.png").exists()  # the first is written
     rc, _, err = run_predict(a / "x.png", "--out", tmp_path / "o", *SIZES, *checkpoints, "--path_l2g", "nope.pth")
     assert rc == 2 and "nope.pth" in err and err.count("\n") == 1
     blocker = tmp_path / "file"
@@ -258,6 +294,25 @@ def test_refusals_before_any_work(checkpoints, tmp_path):
     assert rc == 2 and "would overwrite the input" in err and "x_mask.png" in err
     assert (a / "x_mask.png").read_bytes() == before
     assert (a / "x_mask_mask.png").exists()  # the other input was written
+
+
+def test_an_unexpected_error_on_one_image_leaves_the_others(checkpoints, tmp_path, monkeypatch):
+    from utils import outputs
+
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    real = outputs.write_png
+
+    def write_png(path, spool, palette=None):
+        if os.path.basename(path).startswith("a_"):
+            raise ValueError("disk on fire")
+        return real(path, spool, palette)
+
+    monkeypatch.setattr(outputs, "write_png", write_png)
+    rc, out, err = run_predict(tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o", "--mode", 1,
+                               *SIZES, *checkpoints)
+    assert rc == 1 and "a.png: ValueError: disk on fire" in err and "1 of 2 inputs not written" in err
+    assert sorted(os.listdir(tmp_path / "o")) == ["b_color.png", "b_mask.png"]  # nothing half-written of a
 
 
 def test_predict_sh_passes_its_arguments(tmp_path):

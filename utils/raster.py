@@ -33,6 +33,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 RASTERIO_HINT = "pip install rasterio"
 
 
+def limit_gdal_cache(mb: int = 64) -> None:
+    """Cap GDAL's block cache (by default 5 % of the RAM, which windowed reads of a large
+    TIFF fill) unless the user set GDAL_CACHEMAX; call before the first read."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(mb))
+
+
 def have_rasterio() -> bool:
     try:
         import rasterio  # noqa: F401
@@ -143,12 +149,11 @@ class PILSource(ImageSource):
 
 
 def _check_mode(path: str, im: Image.Image) -> None:
-    """8-bit images only: 16-bit and float data would need a scaling we cannot guess."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    """8-bit images only: 16-bit and float data would need a scaling we cannot guess (the
+    other modes convert to RGB as evaluation converts them)."""
+    if im.mode.startswith(("I", "F")):
         raise UserError(f"{path}: {im.mode} pixels (16-bit or float); the model takes 8-bit RGB: "
                         "rescale to 8 bits first (e.g. gdal_translate -ot Byte -scale)")
-    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr", "1"):
-        raise UserError(f"{path}: unsupported image mode {im.mode}; the model takes 8-bit RGB")
 
 
 class RasterioSource(ImageSource):
@@ -160,6 +165,7 @@ class RasterioSource(ImageSource):
         from rasterio.errors import RasterioIOError
 
         self.path = path
+        self.ds = None
         try:
             with warnings.catch_warnings():  # no georeference: predict.py says so in its own words
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -169,6 +175,7 @@ class RasterioSource(ImageSource):
         ds = self.ds
         try:
             self.height, self.width = ds.height, ds.width
+            self.lut = self._palette(ds) if bands is None and ds.count == 1 else None
             self.bands = self._pick_bands(ds.count, bands)
             dtypes = {ds.dtypes[b - 1] for b in self.bands}
             if dtypes != {"uint8"}:
@@ -179,8 +186,20 @@ class RasterioSource(ImageSource):
             self.faithful = self.height * self.width <= max_pixels
             self._global = self._make_global(size_g, size_p)
         except Exception:
-            ds.close()
+            self.close()
             raise
+
+    def _palette(self, ds) -> np.ndarray | None:
+        """(256, 3) colours of a paletted single-band TIFF (as PIL's P -> RGB), else None."""
+        from rasterio.enums import ColorInterp
+
+        if ds.colorinterp[0] != ColorInterp.palette:
+            return None
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        for i, c in ds.colormap(1).items():
+            if 0 <= i < 256:
+                lut[i] = c[:3]
+        return lut
 
     def _pick_bands(self, count: int, bands) -> tuple[int, ...]:
         if bands is not None:
@@ -188,8 +207,13 @@ class RasterioSource(ImageSource):
             if bad:
                 raise UserError(f"{self.path} has {count} band(s): --bands {bad[0]} does not exist")
             return tuple(bands)
-        if count == 1:
-            return (1, 1, 1)  # grey, as PIL's L -> RGB
+        from rasterio.enums import ColorInterp
+
+        if self.ds.colorinterp[0] in (ColorInterp.cyan, ColorInterp.Y):
+            raise UserError(f"{self.path}: a {self.ds.colorinterp[0].name} TIFF; convert it to RGB first "
+                            "(or pick three bands with --bands)")
+        if count in (1, 2):
+            return (1, 1, 1)  # grey (and alpha, dropped), as PIL's L / LA -> RGB
         if count in (3, 4):
             return (1, 2, 3)  # RGB (an alpha band is dropped, as PIL's RGBA -> RGB)
         raise UserError(f"{self.path} has {count} bands; pick the three to use as RGB with --bands, e.g. --bands 3,2,1")
@@ -197,12 +221,19 @@ class RasterioSource(ImageSource):
     def _read(self, window=None, out_shape=None, resampling=None) -> np.ndarray:
         from rasterio.errors import RasterioIOError
 
+        from rasterio.enums import Resampling
+
         unique = sorted(set(self.bands))
+        if self.lut is not None and out_shape is not None:
+            resampling = Resampling.nearest  # palette indices cannot be averaged
         kw = {} if out_shape is None else dict(out_shape=(len(unique), *out_shape), resampling=resampling)
         try:
             data = self.ds.read(unique, window=window, **kw)
         except RasterioIOError as e:
-            raise UserError(f"cannot read {self.path}: corrupt or truncated ({e})") from e
+            cause = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
+            raise UserError(f"cannot read {self.path}: corrupt or truncated ({cause})") from e
+        if self.lut is not None:
+            return self.lut[data[0]].transpose(2, 0, 1)
         return data[[unique.index(b) for b in self.bands]]
 
     def read(self, top, left, h, w):
@@ -233,7 +264,32 @@ class RasterioSource(ImageSource):
                           resampling=Resampling.average).transpose(1, 2, 0).copy()
 
     def close(self):
-        self.ds.close()
+        if self.ds is not None:
+            self.ds.close()
+            self.ds = None
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    if path.lower().endswith(RASTERIO_EXTENSIONS) and have_rasterio():
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with rasterio.open(path) as ds:
+                    return ds.height, ds.width
+        except RasterioIOError as e:
+            raise UserError(f"cannot read {path}: not an image, or a corrupt or truncated one ({e})") from e
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            return im.size[::-1]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read {path}: not an image, or a corrupt or truncated one ({e})") from e
 
 
 def open_image(path: str, size_g: int, size_p: int, bands: tuple[int, ...] | None = None,
