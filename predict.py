@@ -22,9 +22,8 @@ import os
 import sys
 import time
 import traceback
-import warnings
 
-from utils.errors import UserError, error_message, release_frames
+from utils.errors import UserError, error_message, run_command
 
 DEFAULT_FORMATS = ("index", "color")
 
@@ -54,6 +53,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--size_g", type=int, default=None, help="side of the downsampled global image, as in training " + preset_help("size_g"))
     a("--size_p", type=int, default=None, help="side of the full-resolution patches, as in training " + preset_help("size_p"))
     a("--sub_batch_size", type=int, default=None, help="patches per forward pass " + preset_help("sub_batch_size"))
+    a("--global_view", choices=("square", "aspect"), default="square", help="the global view the checkpoints were "
+      "trained with: square (size_g x size_g, the original) or aspect (long side size_g, the aspect kept)")
     a("--tta", action="store_true", help="sum scores over the 8 flips/rotations (holds the whole image's scores: memory grows with the image)")
     a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32, as evaluation)")
     a("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
@@ -154,13 +155,16 @@ def build(args, device):
     return stage, model, frozen
 
 
-def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int) -> None:
+def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int, view: str) -> None:
     """A patch must cover at least one cell of the global branch's coarsest map (1/32 of
-    size_g), or its crop of the global maps is empty (GLNET_SPEC section 4)."""
-    cells = size_g
-    for _ in range(5):  # the ResNet's five stride-2 stages
-        cells = (cells + 1) // 2
-    for side in (max(height, size_p), max(width, size_p)):
+    the global view), or its crop of the global maps is empty (GLNET_SPEC section 4)."""
+    from dataset.deep_globe import global_size
+
+    padded = (max(height, size_p), max(width, size_p))
+    for side, g in zip(padded, global_size(*padded, size_g, view)):
+        cells = g
+        for _ in range(5):  # the ResNet's five stride-2 stages
+            cells = (cells + 1) // 2
         if round(cells * size_p / side) < 1:
             limit = int(2 * cells * size_p)
             raise UserError(
@@ -184,8 +188,9 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
         if os.path.realpath(p) in inputs:
             raise UserError(f"{path}: its output {p} would overwrite the input {p}; choose another --out")
     max_side = args.overlay_size if "overlay" in args.format else None
-    check_geometry(path, *image_size(path), args.size_g, args.size_p)  # before decoding a huge image
-    with open_image(path, args.size_g, args.size_p, args.bands, max_side, int(args.faithful_max_mp * 1e6)) as src:
+    check_geometry(path, *image_size(path), args.size_g, args.size_p, args.global_view)  # before decoding
+    with open_image(path, args.size_g, args.size_p, args.bands, max_side, int(args.faithful_max_mp * 1e6),
+                    args.global_view) as src:
         if "geotiff" in args.format and src.georef is None:
             print(f"note: {path} has no georeference: {paths['geotiff']} is a plain TIFF", file=sys.stderr)
         if not src.faithful:
@@ -273,30 +278,7 @@ def main(args) -> int:
 
 
 def cli(argv=None) -> int:
-    try:
-        parser = get_parser()
-    except ImportError as e:
-        print(f"error: {e}; install the requirements (./run_tests.sh or env.sh set up an environment)", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            return main(args)
-    except KeyboardInterrupt as e:
-        release_frames(e)
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            traceback.print_exc()
-        release_frames(e)
-        if isinstance(e, UserError):
-            print(f"error: {error_message(e)}", file=sys.stderr)
-            return 2
-        if not args.debug:
-            print(f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+    return run_command(get_parser, main, argv)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def _global_strips(logits: torch.Tensor, shape: tuple[int, int], opts: Options, 
 def _tta_strips(model, stage, frozen, source: ImageSource, shape, opts: Options, device) -> Iterator[Strip]:
     """--tta: evaluation's `helper.predict` on the whole image."""
     image = torch.from_numpy(source.read(0, 0, *shape)).to(device)
-    ig = source.global_view(opts.size_g, opts.size_p)[None].to(device)
+    ig = source.image_global[None].to(device)
     with helper.autocast(device, opts.amp):
         pred = helper.predict(model, stage, image, ig, opts.size_p, opts.sub_batch, frozen, tta=True)[stage.main_output]
     del image
@@ -235,7 +235,7 @@ def predict_strips(
             raise ValueError("the confidence output is not made with --tta")
         yield from _tta_strips(model, stage, frozen, source, shape, opts, device)
         return
-    ig = source.global_view(opts.size_g, opts.size_p)[None].to(device)
+    ig = source.image_global[None].to(device)
     n_class = model.n_class
     if stage.main_output == "global":
         with helper.autocast(device, opts.amp):

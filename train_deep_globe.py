@@ -21,10 +21,8 @@ import os
 import random
 import sys
 import tempfile
-import traceback
-import warnings
 
-from utils.errors import UserError, error_message, release_frames
+from utils.errors import UserError, run_command
 
 
 def _stages() -> dict:
@@ -268,30 +266,8 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 
 
 def cli(argv=None) -> int:
-    try:
-        parser = get_parser()  # the stage table (helper.STAGES) needs torch
-    except ImportError as e:
-        print(f"error: {e}; install the requirements (./run_tests.sh or env.sh set up an environment)", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            return main(args, explicit_flags(argv), argv)
-    except KeyboardInterrupt as e:
-        release_frames(e)
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            traceback.print_exc()
-        release_frames(e)
-        if isinstance(e, UserError):
-            print(f"error: {error_message(e)}", file=sys.stderr)
-            return 2
-        if not args.debug:
-            print(f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+    # get_parser needs torch (the stage table, helper.STAGES): run_command reports it missing
+    return run_command(get_parser, lambda args: main(args, explicit_flags(argv), argv), argv)
 
 
 if __name__ == "__main__":

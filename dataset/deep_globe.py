@@ -281,6 +281,14 @@ def global_size(height: int, width: int, size_g: int, view: str = "square") -> t
     return (size_g, side) if height >= width else (side, size_g)
 
 
+def global_view_of(image: Image.Image, size_g: int, size_p: int, global_view: str = "square") -> torch.Tensor:
+    """The global view (3, h, w) of an RGB image: padded to at least size_p per side, PIL
+    bilinear resize to `global_size`, / 255 (section 6)."""
+    image = _pad(image, size_p, (0, 0, 0))
+    h, w = global_size(image.height, image.width, size_g, global_view)
+    return _to_float(image.resize((w, h), Image.BILINEAR))
+
+
 def image_views(image: Image.Image, size_g: int, size_p: int, global_view: str = "square") -> dict[str, Any]:
     """The model's inputs from one image (section 6): {"size": (H, W) before padding,
     "image": uint8 (3, H', W') padded with 0 to at least size_p per side, "image_global":
@@ -289,12 +297,10 @@ def image_views(image: Image.Image, size_g: int, size_p: int, global_view: str =
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
-    image = _pad(image, size_p, (0, 0, 0))
-    h, w = global_size(image.height, image.width, size_g, global_view)
     return {
         "size": (height, width),
-        "image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
-        "image_global": _to_float(image.resize((w, h), Image.BILINEAR)),
+        "image": torch.from_numpy(np.asarray(_pad(image, size_p, (0, 0, 0))).copy()).permute(2, 0, 1),
+        "image_global": global_view_of(image, size_g, size_p, global_view),
     }
 
 

@@ -52,19 +52,20 @@ def checkpoints(tmp_path_factory):
             "--no_progress", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("mode", [1, 2, 3])
-def test_index_output_equals_evaluation_predictions(mode, checkpoints, synthetic_data, cli, tmp_path):
+@pytest.mark.parametrize("mode, view", [(1, "square"), (2, "square"), (3, "square"), (3, "aspect")])
+def test_index_output_equals_evaluation_predictions(mode, view, checkpoints, synthetic_data, cli, tmp_path):
     """On a DeepGlobe-layout split (images of sizes that are multiples of nothing), the colour
     masks of --evaluation --predictions_dir and predict.py's index/color outputs agree pixel
     for pixel."""
     data, summary = synthetic_data(n_train=1, n_val=3, n_test=0, seed=31, sizes=[(150, 211), (64, 64), (40, 90)])
     preds = tmp_path / "eval"
     rc, _, err = cli("--data_path", data, "--log_path", tmp_path / "runs", "--mode", mode, "--evaluation",
-                     "--predictions_dir", preds, "--num_workers", 0, *SIZES, *checkpoints)
+                     "--predictions_dir", preds, "--num_workers", 0, "--global_view", view, "--batch_size", 1,
+                     *SIZES, *checkpoints)
     assert rc == 0, err
     sat = data / "crossvali" / "Sat"
     rc, out, err = run_predict(sat, "--out", tmp_path / "out", "--mode", mode, "--format", "index", "color",
-                               *SIZES, *checkpoints)
+                               "--global_view", view, *SIZES, *checkpoints)
     assert rc == 0, err
     table = class_table(7)
     ids = sorted(f[: -len("_sat.jpg")] for f in os.listdir(sat))
@@ -235,7 +236,7 @@ def test_decimated_global_view_above_the_faithful_size(tmp_path):
     faithful = open_image(str(path), 64, 64)
     decimated = open_image(str(path), 64, 64, max_pixels=10_000)
     assert faithful.faithful and not decimated.faithful
-    a, b = faithful.global_view(64, 64), decimated.global_view(64, 64)
+    a, b = faithful.image_global, decimated.image_global
     assert a.shape == b.shape == (3, 64, 64)
     assert (a - b).abs().mean() < 0.02
     np.testing.assert_array_equal(decimated.read(290, 250, 20, 20)[:, :10, :10], data[:, 290:, 250:])

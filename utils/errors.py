@@ -1,6 +1,8 @@
 """Errors a user can cause: reported as one line on stderr with exit code 2; and the
 helpers that turn any exception into that one line."""
+import sys
 import traceback
+import warnings
 
 
 class UserError(Exception):
@@ -28,3 +30,34 @@ def release_frames(e: BaseException) -> None:
         seen.add(id(e))
         traceback.clear_frames(e.__traceback__)
         e = e.__cause__ or e.__context__
+
+
+def run_command(get_parser, run, argv=None) -> int:
+    """A command line's whole life: parse `argv` with get_parser() (whose --debug flag shows
+    tracebacks), then return run(args)'s exit code. A missing requirement (ImportError while
+    building the parser) and a UserError are one line `error: ...` and exit 2; Ctrl-C is
+    'interrupted' and 130; any other exception one line with its type and exit 1."""
+    try:
+        parser = get_parser()
+    except ImportError as e:
+        print(f"error: {e}; install the requirements (./run_tests.sh or env.sh set up an environment)", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return run(args)
+    except KeyboardInterrupt as e:
+        release_frames(e)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        release_frames(e)
+        if isinstance(e, UserError):
+            print(f"error: {error_message(e)}", file=sys.stderr)
+            return 2
+        if not args.debug:
+            print(f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1

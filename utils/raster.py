@@ -7,13 +7,15 @@ Two readers, one interface (`open_image`):
   above `FAITHFUL_MAX_PIXELS`; it also gives the georeference that the GeoTIFF output keeps.
 
 The global view is the one evaluation uses (GLNET_SPEC section 6: the image padded to at
-least one patch, PIL bilinear resize to size_g x size_g, / 255) for every image up to
+least one patch, PIL bilinear resize to size_g x size_g or, with --global_view aspect, to
+the long side size_g; / 255) for every image up to
 FAITHFUL_MAX_PIXELS. Above it (rasterio only), it comes from a decimated read (GDAL
-'average' resampling of the whole image to size_g x size_g), which needs no full-resolution
+'average' resampling of the whole image to the global view's size), which needs no full-resolution
 copy but is not PIL's filter: the global branch sees a slightly different image.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dataset.deep_globe import global_size, global_view_of
 from utils.errors import UserError
 
 # Largest image (pixels) whose global view is the faithful PIL resize of the whole image;
@@ -40,29 +43,7 @@ def limit_gdal_cache(mb: int = 64) -> None:
 
 
 def have_rasterio() -> bool:
-    try:
-        import rasterio  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def pad_image(image: Image.Image, size_p: int) -> Image.Image:
-    """Pad at the bottom/right with black to at least size_p per side (section 6)."""
-    width, height = image.size
-    pw, ph = max(width, size_p), max(height, size_p)
-    if (pw, ph) == (width, height):
-        return image
-    out = Image.new(image.mode, (pw, ph), 0 if image.mode == "L" else (0,) * len(image.getbands()))
-    out.paste(image, (0, 0))
-    return out
-
-
-def global_view(image: Image.Image, size_g: int, size_p: int) -> torch.Tensor:
-    """(3, size_g, size_g) float32: the RGB image padded to at least size_p per side, PIL
-    bilinear resize, / 255 (ToTensor without normalisation, sections 1 and 6)."""
-    small = pad_image(image, size_p).resize((size_g, size_g), Image.BILINEAR)
-    return torch.from_numpy(np.array(small)).permute(2, 0, 1).float().div(255)
+    return importlib.util.find_spec("rasterio") is not None
 
 
 @dataclass
@@ -78,13 +59,11 @@ class ImageSource:
     path: str
     height: int
     width: int
+    image_global: torch.Tensor  # (3, h, w) float32, the global view
     georef: Georeference | None = None
-    faithful: bool = True  # whether global_view is evaluation's
+    faithful: bool = True  # whether image_global is evaluation's
 
     def read(self, top: int, left: int, h: int, w: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def global_view(self, size_g: int, size_p: int) -> torch.Tensor:
         raise NotImplementedError
 
     def thumbnail(self, max_side: int) -> np.ndarray:
@@ -121,7 +100,7 @@ def _window(array: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarra
 class PILSource(ImageSource):
     """Decoded whole by PIL; its pixels kept once as (H, W, 3) uint8."""
 
-    def __init__(self, path: str, size_g: int, size_p: int, max_side: int | None) -> None:
+    def __init__(self, path: str, size_g: int, size_p: int, max_side: int | None, view: str = "square") -> None:
         self.path = path
         Image.MAX_IMAGE_PIXELS = None  # large images are the point here
         try:
@@ -130,7 +109,7 @@ class PILSource(ImageSource):
                 _check_mode(path, im)
                 image = im if im.mode == "RGB" else im.convert("RGB")
                 self.width, self.height = image.size
-                self._global = global_view(image, size_g, size_p)
+                self.image_global = global_view_of(image, size_g, size_p, view)
                 self._thumb = (np.array(image.resize(thumb_size(self.height, self.width, max_side)[::-1], Image.BILINEAR))
                                if max_side else None)
                 self.array = np.asarray(image)
@@ -140,9 +119,6 @@ class PILSource(ImageSource):
 
     def read(self, top, left, h, w):
         return _window(self.array, top, left, h, w)
-
-    def global_view(self, size_g, size_p):
-        return self._global
 
     def thumbnail(self, max_side):
         return self._thumb
@@ -160,7 +136,7 @@ class RasterioSource(ImageSource):
     """A TIFF/GeoTIFF read by windows with rasterio; `bands` picks 3 bands (1-based)."""
 
     def __init__(self, path: str, size_g: int, size_p: int, bands: tuple[int, ...] | None,
-                 max_pixels: int = FAITHFUL_MAX_PIXELS) -> None:
+                 max_pixels: int = FAITHFUL_MAX_PIXELS, view: str = "square") -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
 
@@ -184,7 +160,7 @@ class RasterioSource(ImageSource):
             if ds.crs is not None or not ds.transform.is_identity:
                 self.georef = Georeference(ds.crs, ds.transform)
             self.faithful = self.height * self.width <= max_pixels
-            self._global = self._make_global(size_g, size_p)
+            self.image_global = self._make_global(size_g, size_p, view)
         except Exception:
             self.close()
             raise
@@ -245,17 +221,16 @@ class RasterioSource(ImageSource):
             out[:, :hh, :ww] = self._read(Window(left, top, ww, hh))
         return out
 
-    def _make_global(self, size_g: int, size_p: int) -> torch.Tensor:
+    def _make_global(self, size_g: int, size_p: int, view: str) -> torch.Tensor:
         if self.faithful:
             image = Image.fromarray(self._read().transpose(1, 2, 0))
-            return global_view(image, size_g, size_p)
+            return global_view_of(image, size_g, size_p, view)
         from rasterio.enums import Resampling
 
-        small = self._read(out_shape=(size_g, size_g), resampling=Resampling.average)
+        # (no padding: an image above FAITHFUL_MAX_PIXELS is larger than any patch)
+        shape = global_size(self.height, self.width, size_g, view)
+        small = self._read(out_shape=shape, resampling=Resampling.average)
         return torch.from_numpy(np.ascontiguousarray(small)).float().div(255)
-
-    def global_view(self, size_g, size_p):
-        return self._global
 
     def thumbnail(self, max_side):
         from rasterio.enums import Resampling
@@ -293,13 +268,13 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 def open_image(path: str, size_g: int, size_p: int, bands: tuple[int, ...] | None = None,
-               max_side: int | None = None, max_pixels: int = FAITHFUL_MAX_PIXELS) -> ImageSource:
+               max_side: int | None = None, max_pixels: int = FAITHFUL_MAX_PIXELS, view: str = "square") -> ImageSource:
     """The reader for `path`: rasterio for TIFF when installed, PIL otherwise. `max_side`:
     the PIL reader makes a thumbnail of that long side while it has the image (overlays)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     if path.lower().endswith(RASTERIO_EXTENSIONS) and have_rasterio():
-        return RasterioSource(path, size_g, size_p, bands, max_pixels)
+        return RasterioSource(path, size_g, size_p, bands, max_pixels, view)
     if bands is not None:
         raise UserError(f"--bands needs a TIFF read with rasterio ({RASTERIO_HINT}); {path} is read with PIL")
-    return PILSource(path, size_g, size_p, max_side)
+    return PILSource(path, size_g, size_p, max_side, view)
