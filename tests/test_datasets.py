@@ -516,11 +516,11 @@ def test_aspect_view_trains_modes_1_and_2_through_the_cli(tmp_path, cli):
     data = tmp_path / "data"
     rng = np.random.default_rng(1)
     for split in ("train", "crossvali"):
-        for i, (h, w) in enumerate(((96, 160), (160, 96))):  # landscape and portrait
+        for i, (h, w) in enumerate(((96, 128), (128, 96))):  # landscape and portrait: 2 patches of 96 px each
             _pair(data, f"{split}{i}", ".png", size=(w, h), mask=rng.integers(0, 2, (h, w), dtype=np.uint8), split=split)
     common = ["--dataset", "isic", "--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r",
               "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu", "--size_g", 128,
-              "--size_p", 64, "--num_epochs", 1, "--global_view", "aspect"]
+              "--size_p", 96, "--num_epochs", 1, "--global_view", "aspect"]
     rc, out, err = cli(*common, "--batch_size", 2)
     assert rc == 2 and "--global_view aspect needs --batch_size 1" in err and err.count("\n") == 1
     rc, out, err = cli(*common, "--batch_size", 1, "--mode", 1)
