@@ -252,7 +252,6 @@ def main(args) -> int:
     device = dist.start(procs, get_device(args.device), args.dist_timeout)
     try:
         stage, model, frozen = build(args, device)
-        torch.set_grad_enabled(False)
         failed = len(errors) if procs.main else 0
         status = 2 if errors else 0
         inputs = {os.path.realpath(f) for f in files}

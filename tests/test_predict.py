@@ -30,6 +30,7 @@ def run_predict(*argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = predict.cli([str(a) for a in argv])
+    assert torch.is_grad_enabled()  # in-process runs leave the caller's autograd state alone
     return rc, out.getvalue(), err.getvalue()
 
 
