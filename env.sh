@@ -115,3 +115,26 @@ glnet_env() {
     source "$venv/bin/activate"
     _glnet_say "using virtualenv $venv (created, requirements hash $hash)"
 }
+
+# The stage scripts' helpers (they source this file).
+# glnet_flags_from_env VAR=--flag ...: for each VAR set (non-empty), append --flag "$VAR" to the
+# caller's array `args`; flags whose variable is unset are left out (their defaults apply).
+glnet_flags_from_env() {
+    local pair var
+    for pair in "$@"; do
+        var=${pair%%=*}
+        if [[ -n "${!var:-}" ]]; then args+=("${pair#*=}" "${!var}"); fi
+    done
+}
+
+# glnet_run SCRIPT ARG...: replace this shell with $PYTHON (default python) running SCRIPT; with
+# NPROC=N, N processes on this machine under torchrun (one per GPU; gloo processes on a CPU).
+glnet_run() {
+    local script=$1 python
+    shift
+    read -r -a python <<< "${PYTHON:-python}"
+    if [[ -n "${NPROC:-}" ]]; then
+        exec "${python[@]}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$script" "$@"
+    fi
+    exec "${python[@]}" "$script" "$@"
+}

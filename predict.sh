@@ -10,20 +10,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-read -r -a python <<< "${PYTHON:-python}"
+# shellcheck source=env.sh
+source "$here/env.sh"  # glnet_flags_from_env, glnet_run
 args=(
     --mode "${MODE:-3}"
     --model_path "${MODEL_PATH:-$here/saved_models/}"
 )
 # Left out unless set: predict.py then takes them from --dataset (DeepGlobe's by default).
-if [[ -n "${DATASET:-}" ]]; then args+=(--dataset "$DATASET"); fi
-if [[ -n "${CLASSES:-}" ]]; then args+=(--classes "$CLASSES"); fi
-if [[ -n "${SIZE_G:-}" ]]; then args+=(--size_g "$SIZE_G"); fi
-if [[ -n "${SIZE_P:-}" ]]; then args+=(--size_p "$SIZE_P"); fi
-if [[ -n "${SUB_BATCH_SIZE:-}" ]]; then args+=(--sub_batch_size "$SUB_BATCH_SIZE"); fi
-if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
-
-if [[ -n "${NPROC:-}" ]]; then
-    exec "${python[@]}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$here/predict.py" "${args[@]}" "$@"
-fi
-exec "${python[@]}" "$here/predict.py" "${args[@]}" "$@"
+glnet_flags_from_env DATASET=--dataset CLASSES=--classes SIZE_G=--size_g SIZE_P=--size_p \
+    SUB_BATCH_SIZE=--sub_batch_size DEVICE=--device
+glnet_run "$here/predict.py" "${args[@]}" "$@"

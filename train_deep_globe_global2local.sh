@@ -6,8 +6,9 @@
 # Extra arguments are passed on to train_deep_globe.py (see python train_deep_globe.py --help).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# shellcheck source=env.sh
+source ./env.sh  # glnet_flags_from_env, glnet_run
 
-read -r -a python <<< "${PYTHON:-python}"
 args=(
     --mode 2
     --model_path "${MODEL_PATH:-./saved_models/}"
@@ -16,27 +17,12 @@ args=(
 )
 # Dataset preset (train_deep_globe.py --dataset: deepglobe, the default, inria, isic, folder with
 # CLASSES=table.json): the flags below are left out unless set, and then take the preset's values.
-if [[ -n "${DATASET:-}" ]]; then args+=(--dataset "$DATASET"); fi
-if [[ -n "${CLASSES:-}" ]]; then args+=(--classes "$CLASSES"); fi
-if [[ -n "${N_CLASS:-}" ]]; then args+=(--n_class "$N_CLASS"); fi
-if [[ -n "${DATA_PATH:-}" ]]; then args+=(--data_path "$DATA_PATH"); fi
-if [[ -n "${BATCH_SIZE:-}" ]]; then args+=(--batch_size "$BATCH_SIZE"); fi
-if [[ -n "${SUB_BATCH_SIZE:-}" ]]; then args+=(--sub_batch_size "$SUB_BATCH_SIZE"); fi
-if [[ -n "${SIZE_G:-}" ]]; then args+=(--size_g "$SIZE_G"); fi
-if [[ -n "${SIZE_P:-}" ]]; then args+=(--size_p "$SIZE_P"); fi
-if [[ -n "${PATH_G:-}" ]]; then args+=(--path_g "$PATH_G"); fi
+glnet_flags_from_env DATASET=--dataset CLASSES=--classes N_CLASS=--n_class DATA_PATH=--data_path \
+    BATCH_SIZE=--batch_size SUB_BATCH_SIZE=--sub_batch_size SIZE_G=--size_g SIZE_P=--size_p \
+    PATH_G=--path_g
 # Left out unless set: train_deep_globe.py then uses its per-mode defaults (helper.STAGES).
-if [[ -n "${TASK_NAME:-}" ]]; then args+=(--task_name "$TASK_NAME"); fi
-if [[ -n "${NUM_EPOCHS:-}" ]]; then args+=(--num_epochs "$NUM_EPOCHS"); fi
-if [[ -n "${LR:-}" ]]; then args+=(--lr "$LR"); fi
-if [[ -n "${NUM_WORKERS:-}" ]]; then args+=(--num_workers "$NUM_WORKERS"); fi
-if [[ -n "${BACKBONE_WEIGHTS:-}" ]]; then args+=(--backbone_weights "$BACKBONE_WEIGHTS"); fi
-if [[ -n "${DEVICE:-}" ]]; then args+=(--device "$DEVICE"); fi
-if [[ -n "${SEED:-}" ]]; then args+=(--seed "$SEED"); fi
+glnet_flags_from_env TASK_NAME=--task_name NUM_EPOCHS=--num_epochs LR=--lr \
+    NUM_WORKERS=--num_workers BACKBONE_WEIGHTS=--backbone_weights DEVICE=--device SEED=--seed
 
-# NPROC=N: N processes on this machine under torchrun (one per GPU; gloo processes on a CPU)
-if [[ -n "${NPROC:-}" ]]; then
-    exec "${python[@]}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-        train_deep_globe.py "${args[@]}" "$@"
-fi
-exec "${python[@]}" train_deep_globe.py "${args[@]}" "$@"
+# NPROC=N: N processes on this machine under torchrun
+glnet_run train_deep_globe.py "${args[@]}" "$@"
