@@ -17,7 +17,9 @@ decoding anything. Every output is written to a temp file next to it and renamed
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -307,3 +309,20 @@ def prepare_items(title: str, items: Sequence[Item], lists: Dict[str, List[str]]
         raise UserError(failed[0].error + more)
     print(f"done: {len(outcomes)} images in {data_path}")
     return 0
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both preparers share: --data_path (the output) and --workers."""
+    parser.add_argument("--data_path", required=True, type=Path, help="output folder")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="worker processes; 1 or less: no pool")
+
+
+def run_main(parse_args, prepare, argv=None) -> int:
+    """A preparer's entry point: prepare(parse_args(argv)); a UserError is one line, exit 2."""
+    args = parse_args(argv)
+    try:
+        return prepare(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

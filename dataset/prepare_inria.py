@@ -21,12 +21,13 @@ Exit codes: 0 done; 2 an error (one ``error:`` line).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from dataset.prepare_binary import Item, check_data_path, prepare_items, read_split_lists
+from dataset.prepare_binary import (
+    Item, add_output_args, check_data_path, prepare_items, read_split_lists, run_main,
+)
 from utils.errors import UserError
 
 DEFAULT_SPLITS = Path(__file__).resolve().parent / "splits" / "inria"
@@ -71,12 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--raw_path", required=True, type=Path,
                         help=f"the unpacked AerialImageDataset/ ({LAYOUT})")
-    parser.add_argument("--data_path", required=True, type=Path, help="output folder")
+    add_output_args(parser)
     parser.add_argument("--splits", "--split_dir", dest="splits", type=Path, default=DEFAULT_SPLITS,
                         help="folder with train.txt, crossvali.txt, test.txt (lines <city><n>_sat.tif); "
                              "the default is the public 126/27/27 split")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="worker processes; 1 or less: no pool")
     return parser.parse_args(argv)
 
 
@@ -90,12 +89,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return prepare(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(parse_args, prepare, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from dataset.prepare_binary import Item, check_data_path, prepare_items, read_split_lists
+from dataset.prepare_binary import (
+    Item, add_output_args, check_data_path, prepare_items, read_split_lists, run_main,
+)
 from utils.errors import UserError
 
 INPUT_DIR = "ISIC2018_Task1-2_Training_Input"
@@ -107,15 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "OUT/{train,crossvali,test}/{Sat,Label} (80/10/10: 2074 / 260 / 260 of 2594).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--raw_path", required=True, type=Path, help=f"folder holding {LAYOUT}")
-    parser.add_argument("--data_path", required=True, type=Path, help="output folder")
+    add_output_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the split: ids ordered by SHA-256 of '<seed>:<id>', the first "
                              "tenth (rounded up) crossvali, the next tenth test, the rest train")
     parser.add_argument("--splits", "--split_dir", dest="splits", type=Path, default=None,
                         help="folder with your train.txt, crossvali.txt, test.txt (lines "
                              "ISIC_<id>_sat.jpg) instead of the seeded split")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="worker processes; 1 or less: no pool")
     return parser.parse_args(argv)
 
 
@@ -146,12 +146,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return prepare(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(parse_args, prepare, argv)
 
 
 if __name__ == "__main__":
