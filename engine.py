@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import helper
 from dataset.deep_globe import collate
-from utils.errors import UserError
+from utils.errors import SharedError, UserError
 from utils.io import write_json
 from utils import dist
 from utils.dist import SINGLE, Processes
@@ -41,6 +41,41 @@ def make_loader(dataset, args, device, shuffle: bool, generator=None, sampler=No
         drop_last=False,
         worker_init_fn=worker_init if args.num_workers > 0 else None,
     )
+
+
+class SharedBatches:
+    """A loader whose batches the processes agree on before any of them is used
+    (utils.dist.raise_shared): an error loading a batch on one process (a truncated image, an
+    unknown mask value) stops every process at that batch, with the one line and exit code
+    of one process. `steps`: how many agreements each process takes part in, the largest
+    number of batches of any process (one whose share is done still takes part). In one
+    process it is the loader itself."""
+
+    def __init__(self, loader: DataLoader, procs: Processes, device: torch.device, steps: int | None = None) -> None:
+        self.loader, self.procs, self.device = loader, procs, device
+        self.steps = len(loader) if steps is None else steps
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if not self.procs.active:
+            yield from self.loader
+            return
+        batches = iter(self.loader)
+        for _ in range(self.steps):
+            batch, error = None, None
+            try:
+                batch = next(batches)
+            except StopIteration:
+                pass  # this process's share is done
+            except Interrupted:  # a second SIGINT/SIGTERM: stop at once
+                raise
+            except Exception as e:
+                error = e
+            dist.raise_shared(self.procs, error, self.device)
+            if batch is not None:
+                yield batch
 
 
 def metrics_dict(cms) -> dict:
@@ -67,7 +102,8 @@ def evaluate_shared(model, ds, args, cfg: helper.Config, frozen, procs: Processe
     """helper.evaluate on this process's share of `ds`, the confusion matrices summed over
     the processes (the same matrices as one process evaluating every image)."""
     loader = make_loader(dist.shard(procs, ds), args, cfg.device, shuffle=False)
-    cms, example = helper.evaluate(model, loader, cfg, frozen, **kwargs)
+    steps = math.ceil(math.ceil(len(ds) / procs.world) / args.batch_size)  # the batches of the largest share
+    cms, example = helper.evaluate(model, SharedBatches(loader, procs, cfg.device, steps), cfg, frozen, **kwargs)
     for cm in cms.values():
         dist.sum_(procs, cm.matrix)
     return cms, example
@@ -132,7 +168,9 @@ class Trainer:
         self.sampler = None
         if procs.active:  # each process its share of every epoch, shuffled from --seed and the epoch
             self.sampler = DistributedSampler(self.train_ds, procs.world, procs.rank, shuffle=True, seed=args.seed)
-        self.train_loader = make_loader(self.train_ds, args, cfg.device, True, self.generator, self.sampler)
+        # every process has as many batches (DistributedSampler pads its shares)
+        self.train_loader = SharedBatches(make_loader(self.train_ds, args, cfg.device, True, self.generator, self.sampler),
+                                          procs, cfg.device)
         self.optimizer = helper.make_optimizer(helper.configure_stage(model, cfg.stage), cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == "fp16" else None
         self.step = helper.TrainStep(model, cfg, frozen, self.scaler)
@@ -175,7 +213,7 @@ class Trainer:
             raise UserError(f"{e}: training stopped; {self._kept()}") from e
         except Exception as e:
             if not isinstance(e, Interrupted):
-                if stop.signum is None or isinstance(e, UserError):
+                if stop.signum is None or isinstance(e, UserError) or (isinstance(e, SharedError) and e.code == 2):
                     raise
                 # e.g. a loader worker killed by the same SIGTERM (sent to the whole process group)
                 e = Interrupted(stop.signum)

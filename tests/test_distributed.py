@@ -74,10 +74,10 @@ def test_without_synchronisation_the_ranks_differ(tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 
-def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py"):
+def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py", env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -218,3 +218,120 @@ def test_sync_bn_refusals(synthetic_data, cli, tmp_path):
     assert rc == 2 and "--sync_bn: mode 2" in err and err.strip().count("\n") == 0
     two = _torchrun("--mode", 1, *common)
     assert two.returncode != 0 and "--sync_bn needs CUDA devices" in two.stderr
+
+
+# train_deep_globe.py with one change: right after the main process saved the first epoch, it
+# cuts the image named by GLNET_TEST_TRUNCATE to two thirds (the header still reads), so that
+# in epoch 2 exactly one process finds it damaged while loading.
+TRUNCATE_AFTER_FIRST_SAVE = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import engine, train_deep_globe
+real_save = engine.save_epoch
+def save_epoch(*a, **k):
+    out = real_save(*a, **k)
+    path = os.environ["GLNET_TEST_TRUNCATE"]
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) * 2 // 3])
+    return out
+engine.save_epoch = save_epoch
+sys.exit(train_deep_globe.cli(sys.argv[1:]))
+"""
+
+
+def _processes(*args, script=REPO / "train_deep_globe.py", env=None, nproc=2, timeout=600):
+    """The processes that torchrun would start (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT in their environment), started here so that each one's exit code and output
+    can be seen: [(exit code, stdout, stderr)] by rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        penv = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=penv, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        results.append((p.returncode, out, err))
+    return results
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_bad_image_found_by_one_process_stops_all_with_one_line(synthetic_data, tmp_path):
+    """An image that only the second of two processes loads (in epoch 2 of a 2-image set) is
+    damaged: both processes stop before the forward of that iteration (no hang in the
+    gradient all-reduce), each exits with the code one process exits with, the main process
+    prints the one line one process prints, and epoch 1 stays saved as the resume file."""
+    import shutil
+
+    from torch.utils.data import DistributedSampler
+
+    from conftest import load_state
+
+    src, _ = synthetic_data(n_train=2, n_val=1, n_test=0, size=160, seed=9)
+    sampler = DistributedSampler(range(2), num_replicas=2, rank=1, shuffle=True, seed=0)
+    sampler.set_epoch(1)
+    (second,) = list(sampler)  # the image process 1 loads in epoch 2 (ids are sorted by name)
+    hook = tmp_path / "truncate_after_first_save.py"
+    hook.write_text(TRUNCATE_AFTER_FIRST_SAVE)
+    results = {}
+    for nproc in (1, 2):
+        root = tmp_path / str(nproc)
+        data = root / "data"
+        shutil.copytree(src, data)
+        image = sorted((data / "train" / "Sat").iterdir())[second]
+        args = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", 1,
+                "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+                "--num_workers", 0, "--batch_size", 1, "--num_epochs", 2, "--task_name", "t", "--dist_timeout", 60]
+        done = _processes(*args, script=hook, env={"GLNET_TEST_TRUNCATE": str(image)}, nproc=nproc)
+        results[nproc] = [(rc, err.replace(str(data), "DATA")) for rc, _, err in done]
+        assert load_state(root / "models" / "t.resume.pth")["epoch"] == 1
+        assert len((root / "runs" / "t.log").read_text().splitlines()) == 1
+    [(rc, err)] = results[1]
+    assert rc == 2 and len(_error_lines(err)) == 1, err[-3000:]
+    line = _error_lines(err)[0]
+    assert "corrupt or truncated" in line and "DATA/train/Sat/" in line
+    (rc0, err0), (rc1, err1) = results[2]
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert _error_lines(err0) == [line] and _error_lines(err1) == [], (err0[-2000:], err1[-2000:])
+
+
+def test_evaluation_a_bad_image_in_one_share_stops_all_with_one_line(synthetic_data, cli, tmp_path):
+    """Evaluation of 3 images by 2 processes (shares of 2 and 1): the image of the second
+    process's share is damaged; both stop with the exit code and the line of one process."""
+    import shutil
+
+    src, _ = synthetic_data(n_train=1, n_val=3, n_test=0, size=160, seed=8)
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    image = sorted((data / "crossvali" / "Sat").iterdir())[1]  # image 1: process 1's share
+    raw = image.read_bytes()
+    image.write_bytes(raw[: len(raw) * 2 // 3])
+    args = ["--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r", "--mode", 1,
+            "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+            "--num_workers", 0, "--batch_size", 1, "--evaluation", "--path_g", "g.pth", "--dist_timeout", 60]
+    from models import GLNet
+    from utils.checkpoint import save_state_dict
+
+    (tmp_path / "m").mkdir()
+    save_state_dict(GLNet(7), str(tmp_path / "m" / "g.pth"))
+    rc, _, err = cli(*args)
+    assert rc == 2 and len(_error_lines(err)) == 1 and "corrupt or truncated" in err, err
+    (rc0, _, err0), (rc1, _, err1) = _processes(*args)
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert _error_lines(err0) == _error_lines(err) and _error_lines(err1) == [], (err0[-2000:], err1[-2000:])

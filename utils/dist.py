@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from utils.errors import UserError
+from utils.errors import SharedError, UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,23 @@ def any_true(procs: Processes, flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def raise_shared(procs: Processes, error: BaseException | None, device: torch.device) -> None:
+    """Collective (every process calls it at the same point): return if no process met an
+    error; otherwise raise on every process a SharedError with the line and exit code of the
+    first (lowest-rank) process's error, so that all stop there as one process would. In one
+    process, `error` itself is raised."""
+    if not procs.active:
+        if error is not None:
+            raise error
+        return
+    if not any_true(procs, error is not None, device):
+        return
+    said: list = [None] * procs.world
+    dist.all_gather_object(said, one_line(error) if error is not None else None)
+    line, code = next(s for s in said if s is not None)
+    raise SharedError(line, code, report=procs.main) from error
 
 
 def sum_(procs: Processes, tensor: torch.Tensor) -> torch.Tensor:

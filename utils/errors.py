@@ -9,6 +9,16 @@ class UserError(Exception):
     """Bad input (a file, a flag, a checkpoint): the message says what and how to fix it."""
 
 
+class SharedError(Exception):
+    """An error that every process of a torchrun run raises together, because one of them
+    met it (utils.dist.raise_shared): each process exits with the code of the original
+    error, and the main process alone prints its line (`report`)."""
+
+    def __init__(self, line: str, code: int, report: bool) -> None:
+        super().__init__(line)
+        self.line, self.code, self.report = line, code, report
+
+
 def error_message(e: BaseException) -> str:
     """The message of `e`; for an error re-raised from a DataLoader worker, the original
     message without the worker's traceback that torch puts in front of it."""
@@ -18,6 +28,14 @@ def error_message(e: BaseException) -> str:
         tail = msg.rsplit(marker, 1)[-1] if marker in msg else msg.strip().splitlines()[-1]
         msg = tail.strip()
     return msg
+
+
+def one_line(e: BaseException) -> tuple[str, int]:
+    """What run_command reports for `e`: its line on stderr and the exit code (a UserError:
+    its message and 2; any other error: its type and message and 1)."""
+    if isinstance(e, UserError):
+        return f"error: {error_message(e)}", 2
+    return f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", 1
 
 
 def release_frames(e: BaseException) -> None:
@@ -36,7 +54,8 @@ def run_command(get_parser, run, argv=None) -> int:
     """A command line's whole life: parse `argv` with get_parser() (whose --debug flag shows
     tracebacks), then return run(args)'s exit code. A missing requirement (ImportError while
     building the parser) and a UserError are one line `error: ...` and exit 2; Ctrl-C is
-    'interrupted' and 130; any other exception one line with its type and exit 1."""
+    'interrupted' and 130; any other exception one line with its type and exit 1. A
+    SharedError (torchrun) exits with the code of the error behind it, said by one process."""
     try:
         parser = get_parser()
     except ImportError as e:
@@ -55,9 +74,11 @@ def run_command(get_parser, run, argv=None) -> int:
         if args.debug:
             traceback.print_exc()
         release_frames(e)
-        if isinstance(e, UserError):
-            print(f"error: {error_message(e)}", file=sys.stderr)
-            return 2
-        if not args.debug:
-            print(f"error: {type(e).__name__}: {error_message(e)} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        if isinstance(e, SharedError):
+            if e.report:
+                print(e.line, file=sys.stderr)
+            return e.code
+        line, code = one_line(e)
+        if code == 2 or not args.debug:
+            print(line, file=sys.stderr)
+        return code
