@@ -192,6 +192,11 @@ class Trainer:
             self.start, self.best = restore_training(self.model, self.optimizer, state, self.files.resume, self.scaler)
             self.done = self.start
             say(f"resumed from {self.files.resume}: {self.start} of {self.cfg.num_epochs} epochs done, best mIoU {self.best:.4f}")
+            before, now, batch = int(state.get("processes", 1)), self.procs.world, self.args.batch_size
+            if before != now and self.procs.main:
+                print(f"note: the interrupted run had {before} process(es), this one has {now}: from epoch {self.start + 1} "
+                      f"on, each process trains on other images and an optimizer step sees {now * batch} image(s) "
+                      f"instead of {before * batch}", file=sys.stderr)
 
     def run(self, state: dict | None = None) -> int:
         self.restore(state)
@@ -248,7 +253,8 @@ class Trainer:
         log.position = "while saving"
         score = val[cfg.stage.main_output]
         if self.procs.main:
-            self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, score, self.best, self.scaler)
+            self.best = save_epoch(self.files, self.args, self.model, self.optimizer, epoch, score, self.best, self.scaler,
+                                   self.procs.world)
         else:
             self.best = max(self.best, score)
         self.done = epoch + 1

@@ -72,6 +72,99 @@ def test_without_synchronisation_the_ranks_differ(tmp_path):
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
+# ----------------------------------------------------------------------------- --sync_bn
+
+SYNC_STEPS = 3
+
+
+def _pair_batches(same: bool):
+    """SYNC_STEPS batches of two images (mode 1 reads their global views and labels), in
+    float64; with `same`, the two images of a batch are one image twice."""
+    batches = []
+    for k in range(SYNC_STEPS):
+        b = _batch([(64, 64), (64, 64)], 100 + k)
+        b["image_global"] = b["image_global"].double()
+        if same:
+            b = {key: [v[0], v[0]] if isinstance(v, list) else v[:1].repeat(2, *[1] * (v.dim() - 1))
+                 for key, v in b.items()}
+        batches.append(b)
+    return batches
+
+
+def _half(batch, r):
+    """Image r of a two-image batch, as a batch of one."""
+    return {k: v[r : r + 1] for k, v in batch.items()}
+
+
+def _train_mode1(model, batches, device, forward_of=None):
+    """Mode-1 steps with plain SGD: its update is linear in the gradient, so that float
+    noise in the gradients stays noise in the weights (Adam would scale it up where the
+    gradient is about zero)."""
+    import helper
+
+    stage = helper.STAGES[1]
+    optimizer = torch.optim.SGD(helper.configure_stage(model, stage), lr=0.01)
+    cfg = helper.Config(stage, device, 7, 128, 2, num_epochs=1, progress=False)
+    step = helper.TrainStep(model, cfg)
+    helper.train_one_epoch(step, batches, optimizer, 0, forward=forward_of(step) if forward_of else None)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _sync_bn_worker(rank, world, store, device_name, sync_bn, same, out):
+    """Process `rank` of 2: image `rank` of every batch, batch 1, DDP (engine.wrap_distributed),
+    BatchNorm converted to SyncBatchNorm when `sync_bn` (as train_deep_globe.py --sync_bn)."""
+    import engine
+    from models import GLNet
+
+    device = torch.device("cpu")
+    if device_name == "cuda":  # both processes on GPU 0 when there is one (gloo takes CUDA tensors)
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = GLNet(7)
+        if sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        params = _train_mode1(model.to(device, torch.float64), [_half(b, rank) for b in _pair_batches(same)], device,
+                              engine.wrap_distributed)
+        torch.save(params, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device, sync_bn, same, equal", [
+    ("cpu", False, False, False),
+    ("cpu", False, True, True),
+    pytest.param("cuda", True, False, True,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm needs CUDA")),
+])
+def test_two_processes_of_one_image_against_one_process_of_two(tmp_path, device, sync_bn, same, equal):
+    """Mode 1, three steps: 2 processes x batch 1 against 1 process x batch 2 on the same
+    images, compared within float tolerance.
+    - With --sync_bn (SyncBatchNorm, GPUs only), the weights agree.
+    - Without it, each process's BatchNorm normalises its one image alone: the weights
+      differ (the comparison can fail) ...
+    - ... except when both images are the same image, whose statistics are those of the
+      pair: then they agree, which checks on the CPU everything but SyncBatchNorm (the
+      averaged gradients equal those of the two-image batch).
+    In float64: at these tiny sizes (64 px global views, a 2 x 2 last ResNet stage whose
+    BatchNorm sees 4 values per channel) float32 rounding alone changes some gradients by
+    tens of percent between a batch of one image and the same image twice."""
+    from models import GLNet
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    one = _train_mode1(GLNet(7).to(dev, torch.float64), _pair_batches(same), dev)
+    out = tmp_path / "params"
+    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "store"), device, sync_bn, same, str(out)), nprocs=2)
+    two = torch.load(f"{out}.0")
+    assert two.keys() == one.keys() and len(one) > 0
+    worst = max(float((two[k] - one[k]).abs().max()) for k in one)
+    print(f"largest difference: {worst:.3g}")
+    assert all(torch.allclose(two[k], one[k], rtol=1e-6, atol=1e-9) for k in one) == equal, worst
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py", env=None):
@@ -158,9 +251,29 @@ def test_torchrun_stop_on_one_process_stops_all_and_resume_continues(synthetic_d
     assert stopped.stderr.count("interrupted by SIGTERM (after epoch 1)") == 1, stopped.stderr[-3000:]
     assert load_state(tmp_path / "models" / "b.resume.pth")["epoch"] == 1
     assert len((tmp_path / "runs" / "b.log").read_text().splitlines()) == 1
+    # the same stopped run (a copy, task c) resumed by one process instead of two
+    import shutil
+
+    shutil.copy(tmp_path / "models" / "b.resume.pth", tmp_path / "models" / "c.resume.pth")
+    epoch1 = load_state(tmp_path / "models" / "b.pth")
+    from conftest import run_cli
+
+    rc, out, err = run_cli(*common, "--task_name", "c", "--resume")
+    assert rc == 0, err[-3000:]
+    assert "resumed from" in out and "1 of 2 epochs done" in out
+    assert "note: the interrupted run had 2 process(es), this one has 1: from epoch 2 on" in err
+    assert "an optimizer step sees 1 image(s) instead of 2" in err
+    lines = (tmp_path / "runs" / "c.log").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2 "), lines
+    args = json.loads((tmp_path / "runs" / "c.train.args.json").read_text())
+    assert args["processes"] == 1 and args["global_batch_size"] == 1
+    assert load_state(tmp_path / "models" / "c.resume.pth")["processes"] == 1
+    c = load_state(tmp_path / "models" / "c.pth")
+    assert any(not torch.equal(c[k], epoch1[k]) for k in c)  # epoch 2 trained on
     resumed = _torchrun(*common, "--task_name", "b", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resumed from") == 1  # said once, by the main process
+    assert "note: the interrupted run had" not in resumed.stderr  # as many processes as before
     a, b = load_state(tmp_path / "models" / "a.pth"), load_state(tmp_path / "models" / "b.pth")
     assert a.keys() == b.keys()
     for k in a:

@@ -136,9 +136,11 @@ def resume_command(script: str, argv: list[str] | None) -> str:
     return shlex.join(["python", script, *[a for a in argv if a != "--resume"], "--resume"])
 
 
-def save_epoch(files: RunFiles, args, model, optimizer, epoch: int, score: float, best: float, scaler=None) -> float:
+def save_epoch(files: RunFiles, args, model, optimizer, epoch: int, score: float, best: float, scaler=None,
+               processes: int = 1) -> float:
     """<task>.pth, .best.pth when `score` beats `best`, then .resume.pth, each atomically.
-    The resume file goes last: once it is written, the epoch is done. Returns the new best."""
+    The resume file goes last: once it is written, the epoch is done. Returns the new best.
+    `processes`: how many trained the run (torchrun), kept in the resume file."""
     checkpoint.save_state_dict(model, files.last)
     if score > best:
         best = score
@@ -146,6 +148,7 @@ def save_epoch(files: RunFiles, args, model, optimizer, epoch: int, score: float
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best,
         "args": vars(args), "rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None,
+        "processes": processes,
     }
     atomic_save(state, files.resume)
     return best
