@@ -62,13 +62,14 @@ class SharedBatches:
         if not self.procs.active:
             yield from self.loader
             return
-        batches = iter(self.loader)
-        for _ in range(self.steps):
+        batches, own = iter(self.loader), len(self.loader)
+        for k in range(self.steps):
             batch, error = None, None
             try:
                 batch = next(batches)
-            except StopIteration:
-                pass  # this process's share is done
+            except StopIteration:  # this process's share is done; before its end, an error
+                if k < own:
+                    error = RuntimeError(f"the data loader ended after {k} of its {own} batches")
             except Interrupted:  # a second SIGINT/SIGTERM: stop at once
                 raise
             except Exception as e:
@@ -192,8 +193,8 @@ class Trainer:
             self.start, self.best = restore_training(self.model, self.optimizer, state, self.files.resume, self.scaler)
             self.done = self.start
             say(f"resumed from {self.files.resume}: {self.start} of {self.cfg.num_epochs} epochs done, best mIoU {self.best:.4f}")
-            before, now, batch = int(state.get("processes", 1)), self.procs.world, self.args.batch_size
-            if before != now and self.procs.main:
+            before, now, batch = state.get("processes"), self.procs.world, self.args.batch_size
+            if before is not None and before != now and self.procs.main:  # (older resume files lack it)
                 print(f"note: the interrupted run had {before} process(es), this one has {now}: from epoch {self.start + 1} "
                       f"on, each process trains on other images and an optimizer step sees {now * batch} image(s) "
                       f"instead of {before * batch}", file=sys.stderr)
@@ -214,8 +215,11 @@ class Trainer:
                 for epoch in range(self.start, self.cfg.num_epochs):
                     self.epoch(epoch, log)
                     log.check()  # a signal during validation or saving stops here, with this epoch saved
-        except helper.NonFiniteLoss as e:
-            raise UserError(f"{e}: training stopped; {self._kept()}") from e
+        except helper.NonFiniteLoss as e:  # at the same iteration on every process (agreed)
+            line = f"{e}: training stopped; {self._kept()}"
+            if self.procs.active:
+                raise dist.shared_error(self.procs, f"error: {line}", 2) from e
+            raise UserError(line) from e
         except Exception as e:
             if not isinstance(e, Interrupted):
                 if stop.signum is None or isinstance(e, UserError) or (isinstance(e, SharedError) and e.code == 2):
@@ -244,8 +248,8 @@ class Trainer:
         stats = helper.train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration,
                                        self.forward, self.agree if self.procs.active else None)
         bad = first_nonfinite(self.model)
-        if bad is not None:
-            raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad})")
+        if self.agree(bad is not None):  # (BatchNorm statistics can differ between processes)
+            raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad or 'on another process'})")
         log.position = "during validation"
         cms, example = evaluate_shared(self.model, self.val_ds, self.args, self.val_cfg, self.frozen, self.procs,
                                        desc="validation")

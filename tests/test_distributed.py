@@ -357,28 +357,40 @@ sys.exit(train_deep_globe.cli(sys.argv[1:]))
 def _processes(*args, script=REPO / "train_deep_globe.py", env=None, nproc=2, timeout=600):
     """The processes that torchrun would start (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
     MASTER_PORT in their environment), started here so that each one's exit code and output
-    can be seen: [(exit code, stdout, stderr)] by rank."""
+    can be seen: [(exit code, stdout, stderr)] by rank. All are killed after `timeout` s."""
     import socket
+    import tempfile
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(nproc):
-        penv = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
-        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=penv, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        results.append((p.returncode, out, err))
-    return results
+    procs, files = [], []
+    try:
+        for rank in range(nproc):
+            penv = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            files.append((out, err))
+            procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=penv, text=True,
+                                          stdout=out, stderr=err))
+        deadline = time.time() + timeout
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        results = []
+        for p, (out, err) in zip(procs, files):
+            out.seek(0)
+            err.seek(0)
+            results.append((p.returncode, out.read(), err.read()))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for out, err in files:
+            out.close()
+            err.close()
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -410,7 +422,7 @@ def test_a_bad_image_found_by_one_process_stops_all_with_one_line(synthetic_data
         image = sorted((data / "train" / "Sat").iterdir())[second]
         args = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", 1,
                 "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
-                "--num_workers", 0, "--batch_size", 1, "--num_epochs", 2, "--task_name", "t", "--dist_timeout", 60]
+                "--num_workers", 0, "--batch_size", 1, "--num_epochs", 2, "--task_name", "t", "--dist_timeout", 300]
         done = _processes(*args, script=hook, env={"GLNET_TEST_TRUNCATE": str(image)}, nproc=nproc)
         results[nproc] = [(rc, err.replace(str(data), "DATA")) for rc, _, err in done]
         assert load_state(root / "models" / "t.resume.pth")["epoch"] == 1
@@ -425,19 +437,22 @@ def test_a_bad_image_found_by_one_process_stops_all_with_one_line(synthetic_data
 
 
 def test_evaluation_a_bad_image_in_one_share_stops_all_with_one_line(synthetic_data, cli, tmp_path):
-    """Evaluation of 3 images by 2 processes (shares of 2 and 1): the image of the second
-    process's share is damaged; both stop with the exit code and the line of one process."""
+    """Evaluation of 3 images by 2 processes, one image per batch (shares of 2 and 1): the
+    second image of the first process's share is damaged, when the second process's share
+    is done; both stop with the exit code and the line of one process. Under torchrun the
+    line is there once (printed before any process exits, so that torchrun's agent, which
+    ends the others when one exits, cannot cut it off)."""
     import shutil
 
     src, _ = synthetic_data(n_train=1, n_val=3, n_test=0, size=160, seed=8)
     data = tmp_path / "data"
     shutil.copytree(src, data)
-    image = sorted((data / "crossvali" / "Sat").iterdir())[1]  # image 1: process 1's share
+    image = sorted((data / "crossvali" / "Sat").iterdir())[2]  # image 2: process 0's second batch
     raw = image.read_bytes()
     image.write_bytes(raw[: len(raw) * 2 // 3])
     args = ["--data_path", data, "--model_path", tmp_path / "m", "--log_path", tmp_path / "r", "--mode", 1,
             "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
-            "--num_workers", 0, "--batch_size", 1, "--evaluation", "--path_g", "g.pth", "--dist_timeout", 60]
+            "--num_workers", 0, "--batch_size", 1, "--evaluation", "--path_g", "g.pth"]
     from models import GLNet
     from utils.checkpoint import save_state_dict
 
@@ -448,3 +463,35 @@ def test_evaluation_a_bad_image_in_one_share_stops_all_with_one_line(synthetic_d
     (rc0, _, err0), (rc1, _, err1) = _processes(*args)
     assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
     assert _error_lines(err0) == _error_lines(err) and _error_lines(err1) == [], (err0[-2000:], err1[-2000:])
+    run = _torchrun(*args)
+    assert run.returncode != 0 and _error_lines(run.stderr) == _error_lines(err), run.stderr[-3000:]
+
+
+# train_deep_globe.py whose loss is NaN on the process of rank 1 only.
+NAN_ON_RANK_1 = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import helper, train_deep_globe
+real_focal = helper.focal_loss
+if os.environ.get("RANK") == "1":
+    helper.focal_loss = lambda *a, **k: real_focal(*a, **k) * float("nan")
+sys.exit(train_deep_globe.cli(sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_loss_on_one_process_stops_all_with_one_line(synthetic_data, tmp_path):
+    """The loss of the second process is NaN: both stop at that iteration, exit 2, nothing is
+    saved, and the main process says once what one process would say, naming the other."""
+    data, _ = synthetic_data(n_train=2, n_val=1, n_test=0, size=160, seed=9)
+    hook = tmp_path / "nan_on_rank_1.py"
+    hook.write_text(NAN_ON_RANK_1)
+    (rc0, _, err0), (rc1, _, err1) = _processes(
+        "--data_path", data, "--model_path", tmp_path / "models", "--log_path", tmp_path / "runs", "--mode", 1,
+        "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
+        "--num_workers", 0, "--batch_size", 1, "--num_epochs", 1, "--task_name", "n", script=hook)
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    [line] = _error_lines(err0)
+    assert line.startswith("error: non-finite loss on another process (here ") and "epoch 1, iteration 1 of 1" in line
+    assert "training stopped; no epoch was saved" in line
+    assert _error_lines(err1) == [], err1[-2000:]
+    assert not (tmp_path / "models" / "n.resume.pth").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +74,23 @@ def any_true(procs: Processes, flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def shared_error(procs: Processes, line: str, code: int) -> SharedError:
+    """Collective: the SharedError that every process raises for one error (the same one
+    line and exit code as one process). The main process prints the line now and the
+    processes wait for each other before any of them raises: torchrun's agent ends the
+    others as soon as one process exits, which could otherwise cut the main process short
+    before it said anything."""
+    if procs.main:
+        print(line, file=sys.stderr, flush=True)
+    if procs.active:
+        dist.barrier()
+    return SharedError(line, code)
+
+
 def raise_shared(procs: Processes, error: BaseException | None, device: torch.device) -> None:
     """Collective (every process calls it at the same point): return if no process met an
-    error; otherwise raise on every process a SharedError with the line and exit code of the
-    first (lowest-rank) process's error, so that all stop there as one process would. In one
-    process, `error` itself is raised."""
+    error; otherwise raise on every process the shared_error with the line and exit code of
+    the first (lowest-rank) process's error. In one process, `error` itself is raised."""
     if not procs.active:
         if error is not None:
             raise error
@@ -87,7 +100,7 @@ def raise_shared(procs: Processes, error: BaseException | None, device: torch.de
     said: list = [None] * procs.world
     dist.all_gather_object(said, one_line(error) if error is not None else None)
     line, code = next(s for s in said if s is not None)
-    raise SharedError(line, code, report=procs.main) from error
+    raise shared_error(procs, line, code) from error
 
 
 def sum_(procs: Processes, tensor: torch.Tensor) -> torch.Tensor:

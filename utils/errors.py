@@ -11,12 +11,12 @@ class UserError(Exception):
 
 class SharedError(Exception):
     """An error that every process of a torchrun run raises together, because one of them
-    met it (utils.dist.raise_shared): each process exits with the code of the original
-    error, and the main process alone prints its line (`report`)."""
+    met it (utils.dist.shared_error, which has printed its line already): each process exits
+    with the code of the original error and prints nothing more."""
 
-    def __init__(self, line: str, code: int, report: bool) -> None:
+    def __init__(self, line: str, code: int) -> None:
         super().__init__(line)
-        self.line, self.code, self.report = line, code, report
+        self.line, self.code = line, code
 
 
 def error_message(e: BaseException) -> str:
@@ -55,7 +55,7 @@ def run_command(get_parser, run, argv=None) -> int:
     tracebacks), then return run(args)'s exit code. A missing requirement (ImportError while
     building the parser) and a UserError are one line `error: ...` and exit 2; Ctrl-C is
     'interrupted' and 130; any other exception one line with its type and exit 1. A
-    SharedError (torchrun) exits with the code of the error behind it, said by one process."""
+    SharedError (torchrun) exits with the code of the error behind it, its line printed already."""
     try:
         parser = get_parser()
     except ImportError as e:
@@ -75,8 +75,6 @@ def run_command(get_parser, run, argv=None) -> int:
             traceback.print_exc()
         release_frames(e)
         if isinstance(e, SharedError):
-            if e.report:
-                print(e.line, file=sys.stderr)
             return e.code
         line, code = one_line(e)
         if code == 2 or not args.debug:
