@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -316,13 +315,3 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", required=True, type=Path, help="output folder")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="worker processes; 1 or less: no pool")
-
-
-def run_main(parse_args, prepare, argv=None) -> int:
-    """A preparer's entry point: prepare(parse_args(argv)); a UserError is one line, exit 2."""
-    args = parse_args(argv)
-    try:
-        return prepare(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

@@ -42,6 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE
+from utils.errors import UserError, run_main
 from utils.io import atomic_copy, remove_stale_temps_in, save_png
 
 # Referenced by the data loader's error message when a label is not an index mask.
@@ -59,7 +60,7 @@ KEY_AMBIGUOUS = "glnet-ambiguous-pixels"
 N_SHOWN = 5  # "first few" ids listed per summary line
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in the command line or the RAW folder: one line on stderr, exit code 2."""
 
 
@@ -339,12 +340,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return prepare(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(parse_args, prepare, argv)
 
 
 def prepare(args: argparse.Namespace) -> int:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import List, Tuple
 
 from dataset.prepare_binary import (
-    Item, add_output_args, check_data_path, prepare_items, read_split_lists, run_main,
+    Item, add_output_args, check_data_path, prepare_items, read_split_lists,
 )
-from utils.errors import UserError
+from utils.errors import UserError, run_main
 
 DEFAULT_SPLITS = Path(__file__).resolve().parent / "splits" / "inria"
 EXT = ".tif"

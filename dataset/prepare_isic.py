@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from dataset.prepare_binary import (
-    Item, add_output_args, check_data_path, prepare_items, read_split_lists, run_main,
+    Item, add_output_args, check_data_path, prepare_items, read_split_lists,
 )
-from utils.errors import UserError
+from utils.errors import UserError, run_main
 
 INPUT_DIR = "ISIC2018_Task1-2_Training_Input"
 TRUTH_DIR = "ISIC2018_Task1_Training_GroundTruth"

@@ -50,6 +50,17 @@ def release_frames(e: BaseException) -> None:
         e = e.__cause__ or e.__context__
 
 
+def run_main(parse_args, prepare, argv=None) -> int:
+    """The entry point of a data preparation script (no --debug flag): prepare(parse_args(argv));
+    a UserError is one line `error: ...` and exit 2, any other error its traceback."""
+    args = parse_args(argv)
+    try:
+        return prepare(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def run_command(get_parser, run, argv=None) -> int:
     """A command line's whole life: parse `argv` with get_parser() (whose --debug flag shows
     tracebacks), then return run(args)'s exit code. A missing requirement (ImportError while
