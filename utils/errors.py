@@ -16,7 +16,7 @@ class SharedError(Exception):
 
     def __init__(self, line: str, code: int) -> None:
         super().__init__(line)
-        self.line, self.code = line, code
+        self.code = code
 
 
 def error_message(e: BaseException) -> str:
