@@ -1,7 +1,7 @@
 """Segment images of any size with trained GLNet checkpoints: image in, mask out.
 
     python predict.py --mode 3 --model_path saved_models big.tif photos/ 'tiles/*.jpg' --out predictions
-    python predict.py --mode 3 --format index color overlay geotiff confidence scene.tif --out out
+    python predict.py --mode 3 --format index,color,overlay,geotiff,confidence scene.tif --out out
 
 Inputs are image files (JPEG, PNG, TIFF, GeoTIFF), folders (their images, not recursive) or
 globs. Per image, the outputs of --format go to --out as <stem>_mask.png etc. (utils/outputs.py);
@@ -40,9 +40,11 @@ def get_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     a = p.add_argument
-    a("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or globs ('tiles/*.tif')")
+    a("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, or globs ('tiles/*.tif')")
     a("--out", required=True, help="folder for the outputs (created if missing)")
-    a("--format", nargs="+", choices=FORMATS, default=list(DEFAULT_FORMATS), help="outputs per image")
+    a("--format", nargs="+", action="append", metavar="FORMAT", help="outputs per image, of "
+      f"{', '.join(FORMATS)}: comma-separated (--format index,color), repeated, or space-separated; "
+      f"default {','.join(DEFAULT_FORMATS)}")
     a("--mode", type=int, choices=sorted(STAGES), default=3, help=", ".join(f"{m}: {s.name}" for m, s in STAGES.items()))
     a("--model_path", default="./saved_models/", help="folder of the checkpoints; --path_* are relative to it")
     add_dataset_args(p)
@@ -82,11 +84,35 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
     return bands
 
 
+def split_formats(groups: list[list[str]] | None, inputs: list[str]) -> tuple[list[str], list[str]]:
+    """(formats, inputs) from the values of each --format and the positional inputs.
+
+    A --format given space-separated values takes the words after it up to the next flag,
+    inputs included (`--format index scene.jpg`): its words from the first one that is not a
+    format (nor a comma list of formats) on are inputs."""
+    from utils.outputs import FORMATS
+
+    formats, more = [], []
+    for words in groups or []:
+        for k, word in enumerate(words):
+            names = word.split(",")
+            if not all(n in FORMATS for n in names if n) or not any(names):
+                if k == 0:  # `--format X` where X is no format: a typo, not an input
+                    raise UserError(f"--format {word}: not a format (choose from {', '.join(FORMATS)})")
+                more += words[k:]
+                break
+            formats += [n for n in dict.fromkeys(names) if n and n not in formats]
+    return formats or list(DEFAULT_FORMATS), inputs + more
+
+
 def check_args(args):
     """Fill the --dataset preset's defaults, check the flags; returns the class table."""
     from dataset.presets import apply_preset, classes_from_args
     from utils.raster import RASTERIO_HINT, have_rasterio
 
+    args.format, args.inputs = split_formats(args.format, args.inputs)
+    if not args.inputs:
+        raise UserError("no INPUT given: name image files, folders or globs (python predict.py --help)")
     args.data_path = None  # a preset flag predict.py has no use for
     apply_preset(args)
 

@@ -352,3 +352,25 @@ def test_torchrun_shares_the_inputs_out(checkpoints, tmp_path):
     assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 6
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("argv, formats, inputs", [
+    (["a.jpg", "--format", "index", "color"], ["index", "color"], ["a.jpg"]),
+    (["--format", "index", "scene.jpg"], ["index"], ["scene.jpg"]),  # was: invalid choice 'scene.jpg'
+    (["--format", "index,overlay", "scene.jpg", "b.tif"], ["index", "overlay"], ["scene.jpg", "b.tif"]),
+    (["--format", "color", "a.jpg", "--format", "index", "b.jpg"], ["color", "index"], ["a.jpg", "b.jpg"]),
+    (["x/", "--format", "index,index"], ["index"], ["x/"]),
+    (["a.jpg"], ["index", "color"], ["a.jpg"]),
+])
+def test_format_leaves_the_inputs_alone(argv, formats, inputs):
+    import predict
+
+    args = predict.get_parser().parse_args(["--out", "o", *argv])
+    assert predict.split_formats(args.format, args.inputs) == (formats, inputs)
+
+
+def test_a_bad_format_or_no_input_is_one_line(checkpoints, tmp_path):
+    rc, _, err = run_predict("--out", tmp_path / "o", "--format", "indx", "a.jpg", *SIZES, *checkpoints)
+    assert rc == 2 and "--format indx: not a format" in err and err.count("\n") == 1
+    rc, _, err = run_predict("--out", tmp_path / "o", "--format", "index", *SIZES, *checkpoints)
+    assert rc == 2 and "no INPUT given" in err and err.count("\n") == 1
