@@ -1,17 +1,31 @@
 """Writes tests/data/parity_7e34ebe.pt: the outputs of the code at commit 7e34ebe (before the
 architecture rework of issue 10) on small synthetic setups, so that tests/test_parity.py can
-prove that later code gives the very same predictions, metrics and training losses.
+prove that later code gives the very same predictions, metrics and training.
 
-It uses the APIs of that commit and is kept for provenance, not run by the tests:
+It uses the APIs of that commit and is kept for provenance, not run by the tests. Run it with
+that commit's code first on the import path:
 
-    git worktree add /tmp/base 7e34ebe && cd /tmp/base && python /path/to/make_parity_fixture.py OUT.pt
+    git worktree add /tmp/base 7e34ebe
+    PYTHONPATH=/tmp/base python tests/data/make_parity_fixture.py tests/data/parity_7e34ebe.pt
+
+What it stores:
+- `fingerprint`: tests/kernel_fingerprint.py's probes in the writing process (thread count,
+  digests of convolutions, resizes, matmul, batch norm at the fixture's shapes). A test whose
+  process has the same fingerprint compares bitwise; any other, within calibrated tolerances.
+- per mode and evaluation image, the score canvases (global, local, aggregated); mode 3's TTA
+  class maps of image 0 (uint8: classes 0..6); per mode the confusion matrices of the three
+  images;
+- per mode, two training iterations (Adam, as the stage trains): the loss of each, and of the
+  first step's gradients a sample of each trained tensor (`GRAD_SAMPLES` evenly spaced elements
+  of the flattened gradient, float32) with the tensor's gradient norm. Gradients are continuous
+  in the inputs; the weights after Adam steps are not (its first steps are about lr * sign(g)).
 
 Inputs are random (torch generators with fixed seeds): the file holds their sha256 digests
 (the test makes them again from the seeds and checks the digests), not the inputs themselves.
-TTA class maps are stored as uint8 (classes 0..6: the same values as the int64 maps).
 """
 import hashlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +35,13 @@ import helper
 from dataset.deep_globe import _pad, _to_float
 from models import GLNet
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_fingerprint import fingerprint  # noqa: E402  (tests/, not the old commit's code)
+
 SIZE_G, SIZE_P, SUB = 64, 128, 3
 IMAGE_SIZES = [(160, 200), (228, 228), (100, 140)]  # the last is padded to 128 x 140
 TRAIN_SIZES = [(160, 160), (128, 200)]
+GRAD_SAMPLES = 256
 
 
 def sample(h, w, seed, labels=True):
@@ -67,8 +85,34 @@ def models(seed):
     return model, frozen
 
 
+def gradient_sample(grad: torch.Tensor) -> torch.Tensor:
+    """GRAD_SAMPLES elements at evenly spaced indices, in integer arithmetic (a float linspace
+    rounds differently under other kernels and would pick other elements)."""
+    flat = grad.detach().flatten()
+    k = min(flat.numel(), GRAD_SAMPLES)
+    index = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+    return flat[index].float().clone()
+
+
+def first_step_gradients(model, optimizer) -> dict:
+    """Records, at the first optimizer step, a sample and the norm of each gradient."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    grads = {}
+
+    def hook(opt, args, kwargs):
+        if grads:
+            return
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[names[id(p)]] = {"sample": gradient_sample(p.grad), "norm": p.grad.double().norm().item()}
+
+    optimizer.register_step_pre_hook(hook)
+    return grads
+
+
 def main(out):
-    fixture = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    fixture = {"torch": torch.__version__, "fingerprint": fingerprint(),
                "size_g": SIZE_G, "size_p": SIZE_P, "sub_batch": SUB}
     samples = [sample(h, w, 100 + i) for i, (h, w) in enumerate(IMAGE_SIZES)]
     fixture["eval_digests"] = digests(samples)
@@ -96,14 +140,14 @@ def main(out):
         model, frozen = models(21)
         params = helper.configure_stage(model, mode)
         opt = helper.make_optimizer(params, 1e-4)
+        grads = first_step_gradients(model, opt)
         losses = []
         helper.train_one_epoch(
             model, [batch_of(train), batch_of(train2)], opt, mode, 0, 2, 1e-4, torch.device("cpu"), 7, SIZE_P, SUB,
             0.15, frozen if mode == 3 else None, progress=False,
             on_iteration=lambda i, lr, loss: losses.append(loss),
         )
-        sums = {k: v.double().sum().item() for k, v in model.state_dict().items() if v.is_floating_point()}
-        training[mode] = {"losses": losses, "param_sums": sums}
+        training[mode] = {"losses": losses, "gradients": grads}
     fixture["training"] = training
     torch.save(fixture, out)
 
