@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -16,18 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from utils.errors import UserError
+from utils.labels import IGNORE_LABEL
 
-IGNORE_LABEL = 255  # label value skipped by the loss and the metrics (padding, no label)
 MAX_RAW_VALUE = 65535  # raw mask values may be 16-bit
-
-
-def miou_over(iou: Sequence[float], classes: Sequence[int]) -> float:
-    """Mean of iou[c] over `classes`, a NaN (class absent from labels and predictions)
-    counted as 0 (section 7); NaN when `classes` is empty (a 1-class table)."""
-    values = [iou[c] for c in classes]
-    if not values:
-        return math.nan
-    return sum(0.0 if math.isnan(x) else x for x in values) / len(values)
 
 
 def _code(colors: np.ndarray) -> np.ndarray:
@@ -199,11 +189,6 @@ class ClassTable:
         """(n_class, 3) uint8 colours, read-only."""
         return self._palette
 
-    @property
-    def row_names(self) -> tuple[str, ...]:
-        """'<index> <name>' per class, for the rows of a table."""
-        return tuple(f"{i} {n}" for i, n in enumerate(self.names))
-
     def colorize(self, mask: np.ndarray) -> np.ndarray:
         """Class-index mask (H, W) -> colour image (H, W, 3) uint8. Indices outside the
         palette (e.g. 255 = ignore) are drawn black."""
@@ -236,10 +221,6 @@ class ClassTable:
         classes = self._code_to_class[code]
         off_palette = sum(int(np.count_nonzero(code == c)) for c in self._off_codes)
         return classes, off_palette
-
-    def miou(self, iou: Sequence[float]) -> float:
-        """The reported mIoU of per-class IoUs: mean over `miou_classes`, NaN counted as 0."""
-        return miou_over(iou, self.miou_classes)
 
 
 DEEPGLOBE = ClassTable(

@@ -102,11 +102,6 @@ def find_images(folder: str, with_labels: bool) -> dict[str, str]:
     return files
 
 
-def find_ids(folder: str, with_labels: bool) -> list[str]:
-    """Sorted ids of `folder`/Sat (see `find_images`)."""
-    return list(find_images(folder, with_labels))
-
-
 def _unreadable(path: str, e: Exception) -> UserError:
     return UserError(f"cannot read {path}: corrupt or truncated image ({e}); re-download or remove it")
 
@@ -120,11 +115,12 @@ def _open(path: str, mode: str | None = None) -> Image.Image:
         raise _unreadable(path, e) from e
 
 
-def read_header(path: str) -> tuple[tuple[int, int], int]:
-    """((width, height), number of bands) from the file header, without decoding the pixels."""
+def read_header(path: str) -> tuple[tuple[int, int], int, str]:
+    """((width, height), number of bands, PIL mode) from the file header, without decoding
+    the pixels."""
     try:
         with Image.open(path) as im:
-            return im.size, len(im.getbands())
+            return im.size, len(im.getbands()), im.mode
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise _unreadable(path, e) from e
 
@@ -155,15 +151,6 @@ def _table(classes: ClassTable | int | None) -> ClassTable:
     return class_table(classes) if isinstance(classes, int) else classes
 
 
-def _header_mode(path: str) -> tuple[tuple[int, int], int, str]:
-    """((width, height), bands, PIL mode) from the header."""
-    try:
-        with Image.open(path) as im:
-            return im.size, len(im.getbands()), im.mode
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise _unreadable(path, e) from e
-
-
 def _check_label_bands(path: str, bands: int, classes: ClassTable) -> None:
     if bands >= 3 and classes.rgb_masks == "prepare":
         raise UserError(f"{path} is a {bands}-channel colour mask, not a class-index mask; {PREPARE_HINT}")
@@ -185,7 +172,7 @@ def check_label_header(path: str, image_size: tuple[int, int], classes: ClassTab
     """Header-only checks of a label file for an image of PIL size `image_size` (width,
     height): readable, a mask the table can decode, the image's size. The label values need
     a full decode: `read_label` checks those."""
-    label_size, bands = read_header(path)
+    label_size, bands, _ = read_header(path)
     _check_label_bands(path, bands, _table(classes))
     _check_label_size(path, image_size, label_size)
 
@@ -389,7 +376,7 @@ class DeepGlobe(Dataset):
         label values need a full decode; `__getitem__` reports those."""
         for id_ in self.ids:
             path = self.image_path(id_)
-            size, bands, mode = _header_mode(path)
+            size, bands, mode = read_header(path)
             check_image_mode(path, mode, bands)
             if self.labels:
                 check_label_header(self.label_path(id_), size, self.classes)

@@ -29,9 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from dataset.prepare_deep_globe import place_sat
 from utils.errors import UserError
-from utils.io import atomic_write, remove_stale_temps_in, save_png
+from utils.io import atomic_write, place_copy, remove_stale_temps_in, save_png
 
 SPLITS = ("train", "crossvali", "test")
 SAT_TAG = "_sat"  # OUT/<split>/Sat/<id>_sat.<ext>
@@ -244,7 +243,7 @@ def convert(item: Item) -> Outcome:
             save_png(item.mask_dst, mask, pnginfo=info)
             out.label = "written"
         # the image last: an id whose mask failed leaves no unpaired image behind
-        out.image = place_sat(image_src, item.image_dst)
+        out.image = place_copy(image_src, item.image_dst)
     except Exception as exc:  # reported after the run as one error line
         out.error = str(exc) if isinstance(exc, BadFile) else f"{item.image_src}: {type(exc).__name__}: {exc}"
     return out

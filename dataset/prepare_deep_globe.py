@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from dataset.classes import DEEPGLOBE
 from utils.errors import UserError, run_main
-from utils.io import atomic_copy, remove_stale_temps_in, save_png
+from utils.io import place_copy, remove_stale_temps_in, save_png
 
 # Referenced by the data loader's error message when a label is not an index mask.
 PREPARE_COMMAND = "python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT"
@@ -149,13 +149,6 @@ def read_split_lists(split_dir: Path) -> Dict[str, List[str]]:
 # ---------------------------------------------------------------------------- one image
 
 
-def place_sat(src: Path, dst: Path) -> str:
-    """Hard-link (or copy) the raw JPEG to ``dst`` without re-encoding it; keep a finished one."""
-    if dst.exists() and (os.path.samefile(src, dst) or dst.stat().st_size == src.stat().st_size):
-        return "present"
-    return atomic_copy(src, dst)  # "linked", or "copied" where links fail
-
-
 def count_ambiguous(mask_rgb: np.ndarray) -> int:
     """Pixels with some channel in AMBIGUOUS_RANGE (far from 0 and 255)."""
     low, high = AMBIGUOUS_RANGE
@@ -235,7 +228,7 @@ def process(job: Job) -> Result:
                 result.class_counts = tuple(
                     int(c) for c in np.bincount(classes.ravel(), minlength=DEEPGLOBE.n_class))
                 write_label(classes, dst, result.off_palette, result.ambiguous)
-        result.sat = place_sat(sat_src, out / "Sat" / f"{job.image_id}{SAT_SUFFIX}")
+        result.sat = place_copy(sat_src, out / "Sat" / f"{job.image_id}{SAT_SUFFIX}")
     except Exception as exc:  # a corrupt or odd file: reported in the summary, exit code 1
         result.error = f"{type(exc).__name__}: {exc}"
     return result

@@ -215,7 +215,7 @@ def test_deepglobe_table_is_the_spec():
     assert dict(zip(DEEPGLOBE.names, DEEPGLOBE.colors)) == SPEC_COLOURS
     assert DEEPGLOBE.ignore_index == 255
     assert DEEPGLOBE.miou_classes == (1, 2, 3, 4, 5, 6)
-    assert DEEPGLOBE.row_names[0] == "0 unknown" and DEEPGLOBE.row_names[6] == "6 barren"
+    assert DEEPGLOBE.names[0] == "unknown" and DEEPGLOBE.names[6] == "barren"
     assert DEEPGLOBE.palette.dtype == np.uint8 and DEEPGLOBE.palette.shape == (7, 3)
     assert not DEEPGLOBE.palette.flags.writeable
     with pytest.raises(Exception):
@@ -255,10 +255,10 @@ def test_colorize_draws_ignore_and_unknown_indices_black():
 def test_miou_by_hand():
     # classes 1..6: 0.5 + NaN(->0) + 0.25 + 1 + 0 + 0.75 = 2.5, / 6
     iou = [0.9, 0.5, math.nan, 0.25, 1.0, 0.0, 0.75]
-    assert DEEPGLOBE.miou(iou) == pytest.approx(2.5 / 6)
-    assert ClassTable("t", ("a", "b", "c"), [(0, 0, 0)] * 3, miou_classes=(0, 2)).miou([0.2, 0.9, 0.4]) \
-        == pytest.approx(0.3)
-    assert mean_iou(iou) == DEEPGLOBE.miou(iou)  # bitwise: same terms, same order
+    assert mean_iou(iou, DEEPGLOBE.miou_classes) == pytest.approx(2.5 / 6)
+    table = ClassTable("t", ("a", "b", "c"), [(0, 0, 0)] * 3, miou_classes=(0, 2))
+    assert mean_iou([0.2, 0.9, 0.4], table.miou_classes) == pytest.approx(0.3)
+    assert mean_iou(iou) == mean_iou(iou, DEEPGLOBE.miou_classes)  # bitwise: same terms, same order
     assert mean_iou(iou, (0, 6)) == pytest.approx(0.825)
     # labels 0 0 1 1 2, predictions 0 1 1 1 0: IoU 0: 1/3, 1: 2/3, 2: 0
     cm = ConfusionMatrix(3)
@@ -286,7 +286,7 @@ def test_generic_table():
     for bad in (0, 256):
         with pytest.raises(ValueError, match="n_class"):
             class_table(bad)
-    assert math.isnan(class_table(1).miou([0.5]))
+    assert math.isnan(mean_iou([0.5], class_table(1).miou_classes))
 
 
 def test_table_checks_its_fields():

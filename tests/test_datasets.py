@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.deep_globe import DeepGlobe, find_ids
+from dataset.deep_globe import DeepGlobe, find_images
 from utils.errors import UserError
 
 
@@ -39,7 +39,7 @@ def test_one_id_with_two_extensions_is_an_error(tmp_path):
     _pair(tmp_path, "a", ".jpg")
     _pair(tmp_path, "a", ".tif")
     with pytest.raises(UserError) as e:
-        find_ids(str(tmp_path / "train"), True)
+        find_images(str(tmp_path / "train"), True)
     msg = str(e.value)
     assert "'a'" in msg and "a_sat.jpg" in msg and "a_sat.tif" in msg and "\n" not in msg
 
@@ -48,7 +48,7 @@ def test_image_without_label_names_its_real_file(tmp_path):
     _pair(tmp_path, "a", ".png")
     _pair(tmp_path, "b", ".tif", mask=False)
     with pytest.raises(UserError, match=r"b_sat\.tif has no .*b_mask\.png"):
-        find_ids(str(tmp_path / "train"), True)
+        find_images(str(tmp_path / "train"), True)
 
 
 # ----------------------------------------------------------------------------- class tables

@@ -8,7 +8,6 @@ from utils.geometry import (
     coverage_template,
     crop_global,
     merge_all,
-    pad_amounts,
     patch_starts,
 )
 
@@ -48,10 +47,7 @@ def test_round_half_to_even():
 def test_side_smaller_than_patch_needs_padding():
     with pytest.raises(ValueError, match="pad"):
         patch_starts(300, 508)
-    assert pad_amounts(300, 600, 508) == (208, 0)
-    assert pad_amounts(508, 508, 508) == (0, 0)
-    h, w = 300 + pad_amounts(300, 600, 508)[0], 600
-    grid = PatchGrid.for_size(h, w, 508)
+    grid = PatchGrid.for_size(508, 600, 508)  # the image's datasets pad 300 rows to 508
     assert (grid.n_rows, grid.n_cols) == (1, 2)
 
 
@@ -62,7 +58,8 @@ def test_grid_2448():
     assert g.lefts[:7] == (0, 388, 776, 1164, 1552, 1940, 0)
     assert g.tops[-1] == g.lefts[-1] == 1940
     assert g.ratio == (508 / 2448, 508 / 2448)
-    assert g.coordinates()[7] == (388 / 2448, 388 / 2448)
+    # patch 7 on a 127 x 127 map: top = left = round(388 / 2448 * 127) = round(20.13), size round(26.35)
+    assert g.boxes(127, 127, [7]) == [(20, 20, 26, 26)]
 
 
 def test_grid_non_square():

@@ -95,10 +95,6 @@ class PatchGrid:
         """(p/H, p/W): the size of a patch relative to the image."""
         return self.patch / self.height, self.patch / self.width
 
-    def coordinates(self) -> list[tuple[float, float]]:
-        """Per patch (top/H, left/W), the original's stored position."""
-        return [(t / self.height, l / self.width) for t, l in zip(self.tops, self.lefts)]
-
     def boxes(self, h: int, w: int, index: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) of each patch on a feature map of size h x w."""
         rh, rw = self.ratio
@@ -108,11 +104,6 @@ class PatchGrid:
             (_round(self.tops[k] / self.height * h), _round(self.lefts[k] / self.width * w), bh, bw)
             for k in index
         ]
-
-
-def pad_amounts(height: int, width: int, patch: int) -> tuple[int, int]:
-    """Rows and columns to add at the bottom/right so that both sides reach `patch`."""
-    return max(0, patch - height), max(0, patch - width)
 
 
 def crop_global(fmap: torch.Tensor, grid: PatchGrid, index: Sequence[int], size: Sequence[int]) -> torch.Tensor:

@@ -123,6 +123,15 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     return "copied"
 
 
+
+def place_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """`atomic_copy` of a file that a re-run may have placed already (an image hard-linked or
+    copied into a prepared layout, never re-encoded): "present" when `dst` is that file or a
+    finished copy of it (same size), else "linked" or "copied"."""
+    if os.path.exists(dst) and (os.path.samefile(src, dst) or os.path.getsize(dst) == os.path.getsize(src)):
+        return "present"
+    return atomic_copy(src, dst)
+
 def _remove(names: list[str]) -> list[str]:
     removed = []
     for name in names:

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from dataset.classes import IGNORE_LABEL
+from utils.labels import IGNORE_LABEL
 
 
 def focal_loss(

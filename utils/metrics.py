@@ -1,4 +1,4 @@
-"""Confusion matrix and IoU (GLNET_SPEC.md section 7), accumulated on the device."""
+"""Confusion matrix, IoU and the mIoU (GLNET_SPEC.md section 7), accumulated on the device."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from dataset.classes import miou_over
+from utils.labels import IGNORE_LABEL, mean_iou  # noqa: F401  (the metrics' conventions, importable here)
 
 
 class ConfusionMatrix:
@@ -42,9 +42,3 @@ class ConfusionMatrix:
 
     def miou(self) -> float:
         return mean_iou(self.iou(), self.miou_classes)
-
-
-def mean_iou(iou: Sequence[float], classes: Sequence[int] | None = None) -> float:
-    """The reported mIoU: mean of iou over `classes`, NaN counted as 0; None = classes 1..
-    (class 0 'unknown' excluded)."""
-    return miou_over(iou, range(1, len(iou)) if classes is None else classes)
