@@ -31,13 +31,13 @@ DEFAULT_FORMATS = ("index", "color")
 def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help
     from helper import STAGES
-    from train_deep_globe import _HelpFormatter  # every default shown, once
+    from cli import HelpFormatter  # every default shown, once
     from utils.outputs import FORMATS
     from utils.raster import FAITHFUL_MAX_PIXELS
 
     p = argparse.ArgumentParser(
         description="Predict class masks of images of any size with GLNet checkpoints.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, or globs ('tiles/*.tif')")
@@ -262,7 +262,7 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
 def main(args) -> int:
     import torch
 
-    from train_deep_globe import ensure_writable_dir, get_device
+    from cli import ensure_writable_dir, get_device
     from utils import dist
     from utils.raster import limit_gdal_cache
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import random
 import sys
-import tempfile
 
+from cli import HelpFormatter, ensure_writable_dir, get_device
 from utils.errors import UserError, run_command
 
 
@@ -43,23 +42,12 @@ def _per_mode(field: str) -> str:
     return ", ".join(parts)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default, except where the help already says what it is (defaults that
-    depend on the mode) or there is none to show."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default:" in text or action.default is None:
-            return text
-        return super()._get_help_string(action)
-
-
 def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help as ph
 
     p = argparse.ArgumentParser(
         description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, 3 local2global.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     # The original's flags, same meaning; the defaults of those marked 'from --dataset' are the preset's.
@@ -141,33 +129,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--sync_bn: mode {args.mode} runs a forward per sub-batch of patches, whose count differs "
                         "between processes (image sizes), so synchronised BatchNorm could wait forever; leave it out")
     return args
-
-
-def get_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a torch device ({e})") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def ensure_writable_dir(folder: str, flag: str) -> None:
-    """Create `folder` and write a probe file into it (os.access says yes to root even on a
-    read-only file system)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another {flag}") from e
 
 
 def load_datasets(args) -> dict:

@@ -1,0 +1,49 @@
+"""What the command lines share (train_deep_globe.py, predict.py): the help formatter that shows
+every default once, the torch device of --device, and the check that an output folder is
+writable. Entry points import this module, never one another.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from utils.errors import UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where the help already says what it is (defaults that
+    depend on the mode) or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
+def get_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a torch device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def ensure_writable_dir(folder: str, flag: str) -> None:
+    """Create `folder` and write a probe file into it (os.access says yes to root even on a
+    read-only file system)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another {flag}") from e
