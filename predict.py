@@ -12,7 +12,7 @@ exit status is 0 only if every input was. Under torchrun the inputs are shared o
 processes.
 
 This file is the command line only; the prediction is tiled.py, the image readers
-utils/raster.py, the writers utils/outputs.py.
+dataset/raster.py, the writers utils/outputs.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def get_parser() -> argparse.ArgumentParser:
     from helper import STAGES
     from cli import HelpFormatter  # every default shown, once
     from utils.outputs import FORMATS
-    from utils.raster import FAITHFUL_MAX_PIXELS
+    from dataset.raster import FAITHFUL_MAX_PIXELS
 
     p = argparse.ArgumentParser(
         description="Predict class masks of images of any size with GLNet checkpoints.",
@@ -108,7 +108,7 @@ def split_formats(groups: list[list[str]] | None, inputs: list[str]) -> tuple[li
 def check_args(args):
     """Fill the --dataset preset's defaults, check the flags; returns the class table."""
     from dataset.presets import apply_preset, classes_from_args
-    from utils.raster import RASTERIO_HINT, have_rasterio
+    from dataset.raster import RASTERIO_HINT, have_rasterio
 
     args.format, args.inputs = split_formats(args.format, args.inputs)
     if not args.inputs:
@@ -138,7 +138,7 @@ def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """(image files, one error line per input that gives none) from files, folders and globs;
     a file named twice (by any path) counts once. Of two files with the same stem (their
     outputs would have the same names) the first is kept and the other gets an error line."""
-    from utils.raster import IMAGE_EXTENSIONS
+    from dataset.raster import IMAGE_EXTENSIONS
 
     files, errors, real, stems = [], [], set(), {}
     for item in inputs:
@@ -205,7 +205,7 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
     paths of all inputs, which no output may replace."""
     import tiled
     from utils import outputs
-    from utils.raster import image_size, open_image
+    from dataset.raster import image_size, open_image
 
     start = time.perf_counter()
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -264,7 +264,7 @@ def main(args) -> int:
 
     from cli import ensure_writable_dir, get_device
     from utils import dist
-    from utils.raster import limit_gdal_cache
+    from dataset.raster import limit_gdal_cache
 
     limit_gdal_cache()
     classes = check_args(args)

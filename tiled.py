@@ -28,7 +28,7 @@ from tqdm import tqdm
 import helper
 from models.glnet import Release, global2local, local2global_collect, local2global_ensemble
 from utils.geometry import PatchGrid, add_patch_scores, coverage_counts, resized_coverage
-from utils.raster import ImageSource
+from dataset.raster import ImageSource
 
 STRIP_ROWS = 256  # rows per strip of the mode-1 and --tta outputs
 

@@ -14,7 +14,7 @@ import tiled
 from dataset.classes import class_table
 from models import GLNet
 from utils.checkpoint import save_state_dict
-from utils.raster import PILSource, open_image
+from dataset.raster import PILSource, open_image
 
 try:
     import rasterio
