@@ -170,12 +170,12 @@ def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 def build(args, device):
     """The model (and for mode 3 the frozen global model) from the checkpoints, as evaluation."""
     from helper import STAGES
-    from utils import build as builder
+    from models import build as builder
 
     stage = STAGES[args.mode]
     ns = argparse.Namespace(**vars(args), evaluation=True, seed=0)
-    builder.check_checkpoints_exist(ns, stage, resuming=False)
-    model, frozen = builder.build_models(ns, stage, device)
+    builder.check_checkpoints_exist(ns, stage, resuming=False, stages=STAGES.values())
+    model, frozen = builder.build_models(ns, stage, device, stages=STAGES.values())
     builder.tune_for_device((model, frozen), device)
     model.eval()
     return stage, model, frozen

@@ -10,7 +10,7 @@ Every epoch writes <task_name>.pth, .best.pth and .resume.pth atomically; an int
 (Ctrl-C, SIGTERM, a crash, kill -9) continues with the same command plus --resume.
 
 This file is the command line only: flags, their checks and the wiring. What each mode does
-is helper.STAGES; the runs are engine.py; models are built by utils/build.py.
+is helper.STAGES; the runs are engine.py; models are built by models/build.py.
 """
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def _run(args, explicit, argv, procs, device) -> int:
 
     import engine
     import helper
-    from utils import build, run
+    from models import build
+    from utils import run
     from utils.io import write_json
 
     files = run.RunFiles.of(args)
@@ -196,14 +197,14 @@ def _run(args, explicit, argv, procs, device) -> int:
         ensure_writable_dir(args.model_path, "--model_path")
     if args.predictions_dir:
         ensure_writable_dir(args.predictions_dir, "--predictions_dir")
-    build.check_checkpoints_exist(args, stage, resuming=state is not None)
+    build.check_checkpoints_exist(args, stage, resuming=state is not None, stages=helper.STAGES.values())
     if not args.evaluation and state is None and stage.backbones:
         build.check_backbone_weights(args.backbone_weights)
     settings = dict(vars(args), device=str(device), processes=procs.world, global_batch_size=args.batch_size * procs.world)
     if procs.main:
         print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()))
         write_json(files.args_json(f"evaluation.{args.split}" if args.evaluation else "train"), settings)
-    model, frozen = build.build_models(args, stage, device, init=state is None)
+    model, frozen = build.build_models(args, stage, device, init=state is None, stages=helper.STAGES.values())
     if args.sync_bn and procs.active:
         if device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors in training
             raise UserError("--sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU); leave it out")

@@ -252,7 +252,7 @@ def build_glnet(
 ):
     """Deterministic random-init models: GLNet(n_class) after manual_seed(0) (for mode-1
     evaluation the plain global network) and, for mode 3, the plain global network as the frozen
-    global model (as utils.build.build_models does). Returns (model, frozen, frozen_state):
+    global model (as models.build.build_models does). Returns (model, frozen, frozen_state):
     with `keep_frozen_state`, the frozen model's state dict (to save it as a checkpoint),
     otherwise None."""
     import torch
@@ -262,7 +262,7 @@ def build_glnet(
 
     torch.manual_seed(0)
     stage = STAGES[mode]
-    plain = stage.plain_eval and not training  # as utils.build.build_models for evaluation
+    plain = stage.plain_eval and not training  # as models.build.build_models for evaluation
     model = GLNet(n_class, local=False, context=False) if plain else GLNet(n_class)
     frozen, frozen_state = None, None
     if stage.frozen_from:

@@ -236,7 +236,7 @@ def build_models(args, device):
 
     model, frozen, _ = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
     if args.compile:
-        from utils.build import tune_for_device
+        from models.build import tune_for_device
 
         tune_for_device((model, frozen), torch.device("cpu"), compile_=True)  # cpu: no layout change here
     return model, frozen

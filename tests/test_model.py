@@ -357,7 +357,7 @@ def test_backbone_patch_by_patch_gives_the_same_scores(model, mode, monkeypatch)
 
 
 def test_channels_last_models_give_the_same_scores(model):
-    """CUDA runs the models in channels_last (utils.build.tune_for_device); the code
+    """CUDA runs the models in channels_last (models.build.tune_for_device); the code
     around the convolutions (crops, merges, concatenations) must not depend on the layout.
     Checked here on the CPU, where the layout is also accepted."""
     import copy
@@ -381,7 +381,7 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
 
     import torch._dynamo
 
-    from utils.build import tune_for_device
+    from models.build import tune_for_device
 
     m = copy.deepcopy(model)
     frozen = GLNet(7, local=False, context=False).eval()

@@ -1,11 +1,14 @@
-"""The models of a run, built and loaded as its stage says (helper.STAGES, GLNET_SPEC.md
-section 1): which checkpoint feeds which part, what starts from --backbone_weights, and
-the frozen global model of mode 3. Checkpoint names (--path_*) are joined to --model_path.
+"""The models of a run, built and loaded as its stage says (a row of helper.STAGES, passed in;
+GLNET_SPEC.md section 1): which checkpoint feeds which part, what starts from
+--backbone_weights, and the frozen global model of mode 3. Checkpoint names (--path_*) are
+joined to --model_path. `stages` (all the rows) only names, in an error, the mode whose
+training writes a missing or wrong checkpoint.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Iterable
 
 import torch
 
@@ -19,29 +22,24 @@ def checkpoint_path(args, flag: str) -> str:
     return os.path.join(args.model_path, getattr(args, flag))
 
 
-def _hint(args, flag: str) -> str:
-    from helper import STAGES
-
-    writer = next(s.mode for s in STAGES.values() if s.eval_from == flag)
-    return (
-        f"--{flag} should name the checkpoint written by --mode {writer} training "
-        f"(--path_* are relative to --model_path {args.model_path})"
-    )
+def _hint(args, flag: str, stages: Iterable) -> str:
+    writer = next((f"--mode {s.mode} training" for s in stages if s.eval_from == flag), "the training of its stage")
+    return f"--{flag} should name the checkpoint written by {writer} (--path_* are relative to --model_path {args.model_path})"
 
 
-def check_checkpoints_exist(args, stage, resuming: bool) -> None:
+def check_checkpoints_exist(args, stage, resuming: bool, stages: Iterable = ()) -> None:
     for flag in stage.checkpoints(args.evaluation, resuming):
         path = checkpoint_path(args, flag)
         if not os.path.isfile(path):
-            raise UserError(f"--{flag}: checkpoint not found: {path}; {_hint(args, flag)}")
+            raise UserError(f"--{flag}: checkpoint not found: {path}; {_hint(args, flag, stages)}")
 
 
-def load_for_flag(model, args, flag: str, select, assign: bool = False) -> None:
+def load_for_flag(model, args, flag: str, select, assign: bool = False, stages: Iterable = ()) -> None:
     """load_checkpoint, with the flag and where the file should come from in the message."""
     try:
         load_checkpoint(model, checkpoint_path(args, flag), select, assign)
     except UserError as e:
-        raise UserError(f"--{flag}: {e}; {_hint(args, flag)}") from e
+        raise UserError(f"--{flag}: {e}; {_hint(args, flag, stages)}") from e
 
 
 def check_backbone_weights(source: str | None) -> None:
@@ -63,7 +61,7 @@ def _backbone(module, source: str) -> None:
         ) from e
 
 
-def build_models(args, stage, device: torch.device, init: bool = True):
+def build_models(args, stage, device: torch.device, init: bool = True, stages: Iterable = ()):
     """The model (trained or evaluated) and, for mode 3, the frozen global model. init=False
     skips the model's initial weights (a resumed run loads them from its resume file).
 
@@ -74,18 +72,18 @@ def build_models(args, stage, device: torch.device, init: bool = True):
     if args.evaluation and init:
         with torch.device("meta"):
             model = GLNet(args.n_class, local=False, context=False) if stage.plain_eval else GLNet(args.n_class)
-        load_for_flag(model, args, stage.eval_from, all_keys, assign=True)
+        load_for_flag(model, args, stage.eval_from, all_keys, assign=True, stages=stages)
     else:
         model = GLNet(args.n_class)
     if init and not args.evaluation:
         for flag, global_only in stage.init_from:
-            load_for_flag(model, args, flag, global_keys if global_only else all_keys)
+            load_for_flag(model, args, flag, global_keys if global_only else all_keys, stages=stages)
         for name in stage.backbones:
             _backbone(getattr(model, name), args.backbone_weights)
-    return model.to(device), build_frozen(args, stage, device)
+    return model.to(device), build_frozen(args, stage, device, stages)
 
 
-def build_frozen(args, stage, device: torch.device) -> GLNet | None:
+def build_frozen(args, stage, device: torch.device, stages: Iterable = ()) -> GLNet | None:
     """The frozen global model (mode 3): only its plain global network is used (section 5).
     Evaluation maps it from the file; a training run (hours, days) holds its own copy, safe
     from anything that rewrites the file in place meanwhile."""
@@ -96,7 +94,7 @@ def build_frozen(args, stage, device: torch.device) -> GLNet | None:
             frozen = GLNet(args.n_class, local=False, context=False)
     else:
         frozen = GLNet(args.n_class, local=False, context=False)
-    load_for_flag(frozen, args, stage.frozen_from, global_keys, assign=args.evaluation)
+    load_for_flag(frozen, args, stage.frozen_from, global_keys, assign=args.evaluation, stages=stages)
     frozen.requires_grad_(False)
     return frozen.to(device).eval()
 
