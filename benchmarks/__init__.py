@@ -15,6 +15,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from typing import Any, Iterable, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,3 +315,71 @@ def stats(values: Sequence[float]) -> dict[str, float | None]:
     n = len(s)
     median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
     return {"mean": sum(s) / n, "median": median, "min": s[0], "max": s[-1]}
+
+
+# ----------------------------------------------------------------------------- timing a child process
+
+def save_checkpoints(args, model_path: str) -> list[str]:
+    """Save the random models as the evaluation's checkpoints; returns their command-line
+    arguments."""
+    import torch
+
+    from helper import STAGES
+    from utils.checkpoint import save_state_dict
+
+    stage = STAGES[args.mode]
+    model, frozen, frozen_state = build_glnet(args.n_class, args.mode, torch.device("cpu"), keep_frozen_state=True)
+    save_state_dict(model, os.path.join(model_path, f"{stage.eval_from}.pth"))
+    ckpt = [f"--{stage.eval_from}", f"{stage.eval_from}.pth"]
+    if stage.frozen_from:
+        torch.save({"module." + k: v for k, v in frozen_state.items()}, os.path.join(model_path, f"{stage.frozen_from}.pth"))
+        ckpt += [f"--{stage.frozen_from}", f"{stage.frozen_from}.pth"]
+    return ckpt
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """This process's environment, with --threads as the child's OpenMP / MKL thread count."""
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    return env
+
+
+class TreeMemorySampler(threading.Thread):
+    """Background thread: the peak of process_tree_memory_mib(pid), sampled every second
+    (reading smaps_rollup often slows the measured process) until stop()."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, process_tree_memory_mib(self.pid))
+            self._stop_event.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def time_child(cmd: list[str], env: dict[str, str]):
+    """Run cmd, passing its output through; returns (wall seconds, its output lines, its
+    resource usage, the peak memory of its process tree). Exits if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeMemorySampler(proc.pid)
+    sampler.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        print("  | " + line.rstrip(), flush=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    sampler.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"error: the evaluation exited with {proc.returncode}")
+    return wall, lines, usage, sampler.peak

@@ -22,7 +22,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import benchmarks as B  # noqa: E402
-from benchmarks.bench_inference import child_env, save_checkpoints, time_child  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     try:
         models = os.path.join(work, "models")
         os.makedirs(models)
-        ckpt = save_checkpoints(args, models)
+        ckpt = B.save_checkpoints(args, models)
         for h, w in args.sizes:
             image = os.path.join(work, f"synthetic_{h}x{w}.{args.image_format}")
             print(f"writing {image}", flush=True)
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
                    str(args.sub_batch_size), "--device", str(device), "--no_progress", "--format", *args.format,
                    *args.extra.split()]
             print("timing: " + " ".join(cmd), flush=True)
-            wall, lines, usage, _ = time_child(cmd, child_env(args.threads))
+            wall, lines, usage, _ = B.time_child(cmd, B.child_env(args.threads))
             m = re.search(r", (\d+) patches, ([\d.]+) s", "".join(lines))
             patches, seconds = (int(m.group(1)), float(m.group(2))) if m else (None, None)
             row = {
