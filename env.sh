@@ -44,7 +44,7 @@ _glnet_python_fits() {
 import importlib, re, sys
 from importlib import metadata
 
-modules = {"pillow": "PIL"}  # distribution -> module, where the names differ
+modules = {"pillow": "PIL", "pypng": "png", "import-linter": "importlinter"}  # distribution -> module, where the names differ
 
 
 def release(version):

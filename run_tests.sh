@@ -4,7 +4,8 @@
 #
 #   python -m pytest -q --durations=15 tests
 #
-# runs from the repository root, and, when no arguments are given, the fixture tests
+# runs from the repository root, and, when no arguments are given, first `lint-imports` (the
+# layers' contract in .importlinter), then after the suite the fixture tests
 # (tests/test_parity*.py) a second time under other CPU kernels:
 #
 #   ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1 python -m pytest -q tests/test_parity*.py
@@ -12,10 +13,11 @@
 # (less test_a_real_change_is_caught, which forces the tolerance branch wherever it runs)
 # so that their tolerance branch (taken wherever the kernels differ from the fixture's) runs on
 # every machine. This is the command CI runs (.ci/run).
-#   ./run_tests.sh                          the whole suite, then the fixture tests under AVX2
+#   ./run_tests.sh                          lint-imports, the whole suite, then the fixture tests under AVX2
 #   ./run_tests.sh -x -k checkpoint         extra arguments go to pytest (no second pass)
 #   ./run_tests.sh tests/test_geometry.py   given test paths replace the default "tests"
-# Exit code: pytest's (the first non-zero of the two passes), except 1 when it collected no tests (its 5).
+# Exit code: 1 when lint-imports fails, else pytest's (the first non-zero of the two passes),
+# except 1 when it collected no tests (its 5).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=env.sh
@@ -46,7 +48,11 @@ pytest_pass() {
 }
 
 rc=0
-pytest_pass python -m pytest -q --durations=15 ${where[@]+"${where[@]}"} "$@" || rc=$?
+if [[ $# -eq 0 ]]; then
+    echo "run_tests.sh: lint-imports (the layers' contract, .importlinter)"
+    lint-imports || rc=1
+fi
+pytest_pass python -m pytest -q --durations=15 ${where[@]+"${where[@]}"} "$@" || { r=$?; [[ "$rc" -ne 0 ]] || rc=$r; }
 if [[ $# -eq 0 ]]; then
     echo "run_tests.sh: the fixture tests again under other kernels (AVX2, 1 thread)"
     pytest_pass env ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1 \
