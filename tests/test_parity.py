@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import helper
+import inference
 from dataset.deep_globe import image_views, label_views
 from models import GLNet
 
@@ -99,7 +101,9 @@ def eval_models():
 def test_scores_are_unchanged(ref, eval_models, mode):
     model, frozen = eval_models
     for i, s in enumerate(ref["eval_samples"]):
-        got = helper.predict_scores(model, helper.STAGES[mode], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen)
+        got = inference.whole_scores(helper.STAGES[mode], inference.Models(model, frozen),
+                                     inference.Inputs.of(inference.ImagePixels(s["image"]), s["image_global"][None], ref["size_p"]),
+                                     inference.Settings.for_device(torch.device("cpu"), ref["size_p"], ref["sub_batch"]))
         exp = ref["scores"][(mode, i)]
         assert got.stride == exp["stride"]
         for name in ("global", "local", "aggregated"):
@@ -109,7 +113,8 @@ def test_scores_are_unchanged(ref, eval_models, mode):
 def test_tta_predictions_are_unchanged(ref, eval_models):
     model, frozen = eval_models
     s = ref["eval_samples"][0]
-    got = helper.predict(model, helper.STAGES[3], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen, tta=True)
+    got = inference.predict(helper.STAGES[3], inference.Models(model, frozen), inference.ImagePixels(s["image"]), s["image_global"][None],
+                            inference.Settings.for_device(torch.device("cpu"), ref["size_p"], ref["sub_batch"], tta=True))
     assert got.keys() == ref["tta_mode3_image0"].keys()
     for name, exp in ref["tta_mode3_image0"].items():
         assert got[name].max() < 7  # the fixture stores the class maps as uint8
@@ -122,7 +127,7 @@ def test_confusion_matrices_are_unchanged(ref, eval_models, mode):
     samples = ref["eval_samples"]
     loader = [batch_of(samples[:2]), batch_of(samples[2:])]
     cfg = helper.Config(helper.STAGES[mode], torch.device("cpu"), 7, ref["size_p"], ref["sub_batch"], progress=False)
-    cms, _ = helper.evaluate(model, loader, cfg, frozen)
+    cms, _ = engine.evaluate(model, loader, cfg, frozen)
     exp = ref["confusion"][mode]
     assert cms.keys() == exp.keys()
     for name in exp:
@@ -142,7 +147,7 @@ def test_training_losses_and_weights_are_unchanged(ref, mode):
     step = helper.TrainStep(model, cfg, frozen if stage.frozen_from else None)
     losses = []
     train, train2 = ref["train_samples"]
-    helper.train_one_epoch(step, [batch_of(train), batch_of(train2)], opt, 0,
+    engine.train_one_epoch(step, [batch_of(train), batch_of(train2)], opt, 0,
                            on_iteration=lambda i, lr, loss: losses.append(loss))
     exp = ref["training"][mode]
     assert len(losses) == len(exp["losses"]) == 2
