@@ -485,7 +485,8 @@ class Bands:
     """Sink of score bands: per output of `outputs` a `_Band`; the scores of other outputs
     are dropped. Patches come a row of patches at a time (top to bottom): when a row of
     patches is about to be added, the rows above its top are final and leave as `Strip`s
-    (argmax, optional confidence). `size`: the image's (height, width) without padding."""
+    (argmax, optional confidence); after an output's last patch, all its rows leave and its
+    band is freed. `size`: the image's (height, width) without padding."""
 
     def __init__(self, grid: PatchGrid, size: Sequence[int], outputs: Sequence[str], confidence: bool = False) -> None:
         self.grid, self.outputs, self.confidence = grid, tuple(outputs), confidence
@@ -509,6 +510,8 @@ class Bands:
             strips += self._finish_rows(part.output, band, self.sgrid.tops[group[0]])
             band.add(part.logits[offset : offset + len(group)], group)
             offset += len(group)
+        if part.index[-1] == len(self.grid) - 1:  # the output's last patch: its band is done
+            strips += self._finish_rows(part.output, self.bands.pop(part.output), self.sgrid.height)
         return strips
 
     def close(self) -> list[Strip]:

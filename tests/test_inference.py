@@ -62,11 +62,16 @@ def test_bands_give_the_whole_canvas_class_maps(height, width, patch, stride, co
     assert first_strip_at["local"] < len(parts) - 2  # a band of rows left before the image was done
 
 
-def test_bands_drop_the_outputs_not_asked_for():
+def test_bands_drop_the_outputs_not_asked_for_and_free_each_band_after_its_last_patch():
     grid = PatchGrid.for_size(200, 200, 128)
     bands = inference.Bands(grid, (200, 200), ("aggregated",))
-    strips = [s for part in _parts(grid, 3, 2, seed=1) for s in bands.add(part)] + bands.close()
-    assert {s.output for s in strips} == {"aggregated"} and set(bands.bands) == {"aggregated"}
+    strips, open_bands = [], []
+    for part in _parts(grid, 3, 2, seed=1):
+        strips += bands.add(part)
+        open_bands.append(set(bands.bands))
+    assert open_bands[:-1] == [set()] * 2 + [{"aggregated"}] * (len(open_bands) - 3)  # global, local: no band
+    assert open_bands[-1] == set() and bands.close() == []  # all rows left with the last patch
+    assert {s.output for s in strips} == {"aggregated"}
     assert sum(s.classes.shape[0] for s in strips) == 200
 
 
