@@ -1,7 +1,8 @@
-"""The two runs of train_deep_globe.py: training (epochs of helper.train_one_epoch, each
-followed by validation, checkpoints and logs, with graceful stops and resume) and
-evaluation (metrics table and JSON, predictions). The stage's specifics come from
-helper.STAGES; the run's files and life from utils.run.
+"""The two runs of train_deep_globe.py: training (epochs of `train_one_epoch`, each
+followed by validation with `evaluate`, checkpoints and logs, with graceful stops and
+resume) and evaluation (metrics table and JSON, predictions). The stage's specifics come
+from helper.STAGES (its training step) and inference.py (its predictions); the run's files
+and life from utils.run.
 
 Under torchrun (utils.dist): each process trains on its share of every epoch's images
 (DistributedSampler) through a DistributedDataParallel wrapper of the TrainStep, and
@@ -10,19 +11,28 @@ processes, and the main process alone writes checkpoints, logs and metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import sys
 import time
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
 import helper
+import inference
+from dataset.classes import class_table
 from dataset.deep_globe import collate
 from utils.errors import SharedError, UserError
-from utils.io import write_json
+from utils.io import save_png, write_json
+from utils.lr_scheduler import poly_lr, set_lr
+from utils.metrics import ConfusionMatrix
 from utils import dist
 from utils.dist import SINGLE, Processes
 from utils.run import GracefulStop, Interrupted, RunFiles, RunLog, first_nonfinite, restore_training, save_epoch, worker_init
@@ -79,6 +89,183 @@ class SharedBatches:
                 yield batch
 
 
+# ----------------------------------------------------------------------------- one epoch
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _flag_last(items) -> Iterator[tuple[Any, bool]]:
+    """(item, whether it is the last one) for each item of an iterable, read one ahead."""
+    it = iter(items)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield item, False
+        item = following
+    yield item, True
+
+
+def accumulate(step: helper.TrainStep, batch: dict[str, Any], cms: dict[str, ConfusionMatrix], forward=None) -> dict[str, torch.Tensor]:
+    """Forward and backward of every micro-batch of `batch`: gradients summed in .grad,
+    train confusion matrices updated; returns the losses summed over the micro-batches.
+    `forward` runs a micro-batch: the step itself (default) or a DistributedDataParallel
+    wrapper of it, whose gradients are then all-reduced once, in the last backward (the
+    others run under its no_sync(); every rank must cut its batch into as many micro-batches)."""
+    forward = forward or step
+    sums: dict[str, torch.Tensor] = {}
+    for micro, last in _flag_last(step.micro_batches(batch)):
+        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
+        with sync:
+            result = forward(micro)
+            result.objective.backward()
+        for name, label, pred in result.scored:
+            cms[name].update(label, pred)
+        for k, v in result.losses.items():
+            sums[k] = v if k not in sums else sums[k] + v
+        del result
+    return sums
+
+
+def train_one_epoch(
+    step: helper.TrainStep, loader, optimizer: torch.optim.Optimizer, epoch: int, scaler=None, on_iteration=None,
+    forward: Callable | None = None, agree: Callable[[bool], bool] | None = None,
+) -> dict[str, float]:
+    """One epoch: poly lr per iteration, one optimizer step per batch (gradients summed
+    over its micro-batches, see `accumulate`). Returns the mean loss and the train mIoU of
+    each output (at the loss resolution, 1/4), both of this process's batches.
+
+    `forward`: see `accumulate`; `agree(flag)`: whether any process has `flag` (under
+    torchrun, so that a non-finite loss on one process stops all at the same iteration)."""
+    cfg = step.cfg
+    step.train()
+    cms = cfg.confusion_matrices()
+    iters = len(loader)
+    loss_sum, n = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not cfg.progress, dynamic_ncols=True)
+    for i, batch in enumerate(bar):
+        lr = poly_lr(cfg.base_lr, epoch, i, iters, cfg.num_epochs)
+        set_lr(optimizer, lr)
+        with helper.autocast(cfg.device, cfg.amp):
+            sums = accumulate(step, batch, cms, forward)
+        loss = float(sums["loss"])
+        bad = not math.isfinite(loss)
+        if agree is not None:  # collective: every process calls it every iteration
+            bad = agree(bad)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in sums.items() if k != "loss")
+            what = f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite loss on another process (here {loss:.4g})"
+            raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
+        if scaler is not None:  # fp16: skips the step when gradients overflowed
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss
+        n += 1
+        if cfg.progress:
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}", **{f"mIoU_{k[:3]}": f"{cm.miou():.3f}" for k, cm in cms.items()})
+        if on_iteration is not None:
+            on_iteration(i, lr, loss)
+    stats = {"loss": loss_sum / max(n, 1)}
+    stats.update({f"miou_{k}": cm.miou() for k, cm in cms.items()})
+    return stats
+
+
+def example_grid(example: dict[str, Any], classes=None, max_side: int = 512) -> np.ndarray:
+    """Image | label | predictions side by side, in the class table's colours, (3, h, W) uint8 for TensorBoard."""
+    classes = classes or class_table(7)
+    img = example["image"]
+    h, w = img.shape[-2:]
+    s = max(1, math.ceil(max(h, w) / max_side))
+    tiles = [img[:, ::s, ::s].permute(1, 2, 0).numpy()]
+    if example["label"] is not None:
+        tiles.append(classes.colorize(example["label"][::s, ::s].numpy()))
+    for name in ("global", "local", "aggregated"):
+        if name in example["predictions"]:
+            tiles.append(classes.colorize(example["predictions"][name][::s, ::s].numpy().astype(np.uint8)))
+    return np.concatenate(tiles, axis=1).transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def save_prediction(pred: torch.Tensor, path: str, classes=None) -> None:
+    """Colour PNG of a class map (the class table's palette; DeepGlobe's by default), written atomically."""
+    classes = classes or class_table(7)
+    save_png(path, classes.colorize(pred.to("cpu", torch.uint8).numpy()))
+
+
+def evaluate(
+    model, loader, cfg: helper.Config, frozen=None, predictions_dir: str | None = None,
+    with_labels: bool = True, desc: str = "evaluation",
+) -> tuple[dict[str, ConfusionMatrix], dict[str, Any] | None]:
+    """Predict every image of `loader` with `inference.predict_strips`; return a confusion
+    matrix per output and the first image with its label and predictions (for TensorBoard).
+
+    Without TTA an image's predictions come as bands of rows, each counted in the confusion
+    matrices as soon as it is final: no score canvas of the whole image is held. Whole class
+    maps (uint8) are assembled only where they are needed: every output of the first image
+    (the example), and the main output with `predictions_dir` (its colour PNG)."""
+    model.eval()
+    if frozen is not None:
+        frozen.eval()
+    models = inference.Models(model, frozen)
+    settings = inference.Settings.for_device(cfg.device, cfg.size_p, cfg.sub_batch, tta=cfg.tta)
+    cms = cfg.confusion_matrices()
+    example = None
+    if predictions_dir:
+        os.makedirs(predictions_dir, exist_ok=True)
+    bar = tqdm(loader, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        for b in range(len(batch["image"])):
+            keep = cfg.stage.outputs if example is None else (cfg.stage.main_output,) if predictions_dir else ()
+            maps = _score_image(cfg, models, settings, batch, b, cms if with_labels else None, keep)
+            if predictions_dir:
+                path = os.path.join(predictions_dir, f"{batch['id'][b]}_mask.png")
+                save_prediction(maps[cfg.stage.main_output], path, cfg.classes)
+            if example is None:
+                example = _example(batch, b, maps, with_labels)
+        if with_labels and cfg.progress:
+            bar.set_postfix({k[:3]: f"{cm.miou():.3f}" for k, cm in cms.items()})
+    return cms, example
+
+
+def _score_image(cfg: helper.Config, models: inference.Models, settings: inference.Settings, batch: dict[str, Any],
+                 b: int, cms: dict[str, ConfusionMatrix] | None, keep) -> dict[str, torch.Tensor]:
+    """Image `b` of `batch` through `inference.predict_strips`: each strip of rows counted in
+    `cms` (if given) against the label's same rows; returns the whole (H, W) uint8 class maps
+    (on the CPU) of the outputs in `keep`."""
+    device = cfg.device
+    h, w = batch["size"][b]
+    pixels = inference.ImagePixels(batch["image"][b].to(device, non_blocking=True))
+    image_global = batch["image_global"][b : b + 1].to(device, non_blocking=True)
+    label = batch["label"][b][:h, :w].to(device, non_blocking=True) if cms is not None else None
+    maps = {name: torch.empty((h, w), dtype=torch.uint8) for name in keep}
+    with helper.autocast(device, cfg.amp):
+        for strip in inference.predict_strips(cfg.stage, models, pixels, image_global, (h, w), settings, cfg.stage.outputs):
+            rows = slice(strip.top, strip.top + strip.classes.shape[0])
+            if label is not None:
+                cms[strip.output].update(label[rows], strip.classes)
+            if strip.output in maps:
+                maps[strip.output][rows] = strip.classes.to("cpu", torch.uint8)
+    return maps
+
+
+def _example(batch, b: int, maps: dict[str, torch.Tensor], with_labels: bool) -> dict[str, Any]:
+    h, w = batch["size"][b]
+    return {
+        "id": batch["id"][b],
+        "image": batch["image"][b][:, :h, :w],
+        "label": batch["label"][b][:h, :w] if with_labels else None,
+        # class ids fit 8 bits (--n_class <= 255): 8x less than int64 at 2448 px
+        "predictions": maps,
+    }
+
+
 def metrics_dict(cms) -> dict:
     return {
         name: {"iou": [None if math.isnan(x) else x for x in cm.iou()], "miou": cm.miou()} for name, cm in cms.items()
@@ -100,11 +287,11 @@ def format_table(results: dict, classes) -> str:
 
 
 def evaluate_shared(model, ds, args, cfg: helper.Config, frozen, procs: Processes, **kwargs):
-    """helper.evaluate on this process's share of `ds`, the confusion matrices summed over
+    """`evaluate` on this process's share of `ds`, the confusion matrices summed over
     the processes (the same matrices as one process evaluating every image)."""
     loader = make_loader(dist.shard(procs, ds), args, cfg.device, shuffle=False)
     steps = math.ceil(math.ceil(len(ds) / procs.world) / args.batch_size)  # the batches of the largest share
-    cms, example = helper.evaluate(model, SharedBatches(loader, procs, cfg.device, steps), cfg, frozen, **kwargs)
+    cms, example = evaluate(model, SharedBatches(loader, procs, cfg.device, steps), cfg, frozen, **kwargs)
     for cm in cms.values():
         dist.sum_(procs, cm.matrix)
     return cms, example
@@ -138,7 +325,7 @@ def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes
 
 def wrap_distributed(step: helper.TrainStep):
     """The step wrapped in DistributedDataParallel: gradients averaged over the processes in
-    the last backward of each batch (helper.accumulate runs the others under no_sync).
+    the last backward of each batch (accumulate runs the others under no_sync).
     find_unused_parameters: a stage's forward leaves some trained parameters unused (mode 1:
     the context layers). Buffers (BatchNorm statistics) are broadcast from the main process
     at every forward only where a batch is one forward on every process; elsewhere the
@@ -215,7 +402,7 @@ class Trainer:
                 for epoch in range(self.start, self.cfg.num_epochs):
                     self.epoch(epoch, log)
                     log.check()  # a signal during validation or saving stops here, with this epoch saved
-        except helper.NonFiniteLoss as e:  # at the same iteration on every process (agreed)
+        except NonFiniteLoss as e:  # at the same iteration on every process (agreed)
             line = f"{e}: training stopped; {self._kept()}"
             if self.procs.active:
                 raise dist.shared_error(self.procs, f"error: {line}", 2) from e
@@ -245,11 +432,11 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.train_ds.set_epoch(epoch)
         t0 = time.time()
-        stats = helper.train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration,
+        stats = train_one_epoch(self.step, self.train_loader, self.optimizer, epoch, self.scaler, log.iteration,
                                        self.forward, self.agree if self.procs.active else None)
         bad = first_nonfinite(self.model)
         if self.agree(bad is not None):  # (BatchNorm statistics can differ between processes)
-            raise helper.NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad or 'on another process'})")
+            raise NonFiniteLoss(f"non-finite weights after epoch {epoch + 1} (first: {bad or 'on another process'})")
         log.position = "during validation"
         cms, example = evaluate_shared(self.model, self.val_ds, self.args, self.val_cfg, self.frozen, self.procs,
                                        desc="validation")
@@ -262,7 +449,7 @@ class Trainer:
         else:
             self.best = max(self.best, score)
         self.done = epoch + 1
-        image = helper.example_grid(example, cfg.classes) if example is not None and self.procs.main else None
+        image = example_grid(example, cfg.classes) if example is not None and self.procs.main else None
         log.epoch_end(stats, val, self.best, image, time.time() - t0)
 
     def _kept(self) -> str:

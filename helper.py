@@ -1,38 +1,33 @@
-"""Training and evaluation of the GLNet stages (GLNET_SPEC.md sections 5-7).
+"""The GLNet stages (GLNET_SPEC.md sections 5-6): what each --mode does, and its training step.
 
 mode 1: global branch alone; mode 2 (global2local): local branch trained with the
 frozen global branch; mode 3 (local2global): global branch retrained with the
 frozen local branch and a frozen global model for the local branch's context.
 
 `STAGES` (at the end of this file) is the one place that says what each mode does:
-what it trains and outputs, its defaults, which checkpoint feeds which part, and
-its inference and training functions. Everything else takes a `Stage`.
+what it trains and outputs, its defaults, which checkpoint feeds which part, its
+scoring function (inference.py) and its training functions (the `TrainStep`'s micro-batches
+and losses). Everything else takes a `Stage`. The epoch loops are engine.py's.
 
-Everything per image (patches, canvases, confusion matrices) stays on the model's
-device; patches are sliced from the decoded uint8 image and run in sub-batches.
+Everything per image (patches, canvases) stays on the model's device; patches are sliced
+from the decoded uint8 image and run in sub-batches.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+import inference
 from dataset.classes import ClassTable, class_table
-from models.glnet import (
-    GLNet, Maps, Release, global2local, local2global_collect, local2global_ensemble,
-)
-from utils.geometry import PatchGrid, add_patch_scores, coverage_template
-from utils.io import save_png
+from inference import patch_batches, sub_batches
+from models.glnet import GLNet, LocalCanvases, Maps, global2local, local2global_ensemble
+from utils.geometry import PatchGrid, coverage_template
 from utils.loss import focal_loss
-from utils.lr_scheduler import poly_lr, set_lr
 from utils.metrics import ConfusionMatrix
 
 PARTS = ("resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv")
@@ -57,7 +52,7 @@ class Stage:
     frozen_from: str | None  # --path_* flag of the frozen global model (mode 3)
     plain_eval: bool  # evaluation needs only the plain global network
     one_forward_per_batch: bool  # its training batch is a single micro-batch (--sync_bn is safe)
-    scores: Callable  # (model, image, image_global, size_p, sub_batch, frozen) -> Scores
+    scores: Callable  # inference: (Models, Inputs, Settings) -> the image's GlobalScores / PatchScores
     micro_batches: Callable  # (step, batch) -> the micro-batches of one training batch
     losses: Callable  # (step, micro-batch) -> StepResult: TrainStep.forward
 
@@ -132,16 +127,6 @@ class Config:
         elif self.classes.n_class != self.n_class:
             raise ValueError(f"n_class {self.n_class} but class table {self.classes.name!r} has {self.classes.n_class}")
 
-    @classmethod
-    def from_args(cls, args, device: torch.device) -> "Config":
-        from dataset.presets import classes_from_args
-
-        return cls(
-            STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
-            args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress, args.keep_patch_maps,
-            classes_from_args(args),
-        )
-
     @property
     def base_lr(self) -> float:
         return self.stage.lr if self.lr is None else self.lr
@@ -151,25 +136,7 @@ class Config:
         return {name: ConfusionMatrix(self.n_class, self.device, self.classes.miou_classes) for name in self.stage.outputs}
 
 
-# ----------------------------------------------------------------------------- patches
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1] (ToTensor, no normalisation)."""
-    return x.float().div_(255)
-
-
-def sub_batches(n: int, size: int) -> Iterator[list[int]]:
-    for start in range(0, n, size):
-        yield list(range(start, min(start + size, n)))
-
-
-def patch_batches(image: torch.Tensor, grid: PatchGrid, sub_batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(index, patches) sub-batches: exact crops of a (3, H, W) uint8 image, as float."""
-    p = grid.patch
-    for index in sub_batches(len(grid), sub_batch):
-        crops = [image[:, t : t + p, l : l + p] for t, l in ((grid.tops[k], grid.lefts[k]) for k in index)]
-        yield index, to_float(torch.stack(crops))
-
+# ----------------------------------------------------------------------------- training
 
 def patch_labels(label: torch.Tensor, grid: PatchGrid, index: Sequence[int]) -> torch.Tensor:
     """Label crops of the patches, resized to p/4 with PIL-NEAREST ('nearest-exact'): int64."""
@@ -178,228 +145,6 @@ def patch_labels(label: torch.Tensor, grid: PatchGrid, index: Sequence[int]) -> 
     small = F.interpolate(crops[:, None].float(), size=(p // 4, p // 4), mode="nearest-exact")
     return small[:, 0].long()
 
-
-# ----------------------------------------------------------------------------- inference
-
-class Scores(NamedTuple):
-    """Class scores of one image: global logits at 1/4 of size_g, and the local and
-    aggregated patch logits reassembled into (C, H/stride, W/stride) canvases."""
-
-    global_: torch.Tensor
-    local: torch.Tensor | None
-    aggregated: torch.Tensor | None
-    stride: int = 1
-
-
-def score_grid(grid: PatchGrid, factor: int = 4) -> tuple[PatchGrid, int]:
-    """The grid on which patch logits (at 1/4 of the patch) are summed, and its stride.
-
-    The original resizes each patch's logits 'nearest' x4 and sums them at full
-    resolution, so its canvas is constant on s x s cells whenever the patch size is a
-    multiple of 4 and every start a multiple of s. We sum on those cells (s = 4 for
-    DeepGlobe 2448/508, starts 0, 388, ..., 1940; s = 2 for 1224/508, starts 0, 358,
-    716): the very same sums with s*s times less memory and work, and the argmax is
-    repeated. Otherwise we sum at full resolution.
-    """
-    if grid.patch % factor:
-        return grid, 1
-    for s in range(factor, 1, -1):
-        if factor % s or any(t % s for t in grid.row_starts + grid.col_starts):
-            continue
-        small = PatchGrid(
-            grid.height // s, grid.width // s, grid.patch // s,
-            tuple(t // s for t in grid.row_starts), tuple(t // s for t in grid.col_starts),
-        )
-        return small, s
-    return grid, 1
-
-
-def upsample_canvas(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Repeat each cell stride x stride times (the same as 'nearest' by an integer factor)."""
-    if stride == 1:
-        return x
-    return x.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)
-
-
-def backbone_batch(device: torch.device) -> int | None:
-    """Patches per local ResNet call in inference. On the CPU one at a time: faster (6
-    patches of 508 px: 1.64 s one by one against 2.69 s as a batch of 6, 2 threads,
-    measured on the development machine), the ResNet's activations are those of one patch,
-    and at 508 px the maps are bitwise those of a batch (checked there; at other sizes
-    oneDNN may pick kernels that round differently, ~1e-6). Elsewhere the whole sub-batch
-    (GPUs gain from batching)."""
-    return 1 if device.type == "cpu" else None
-
-
-@torch.no_grad()
-def predict_scores(
-    model: GLNet, stage: Stage, image: torch.Tensor, image_global: torch.Tensor, size_p: int, sub_batch: int,
-    frozen: GLNet | None = None,
-) -> Scores:
-    """Scores of one image: `image` (3, H, W) uint8 and `image_global` (1, 3, g, g) float,
-    both on the model's device. Mode 3 needs `frozen`, the frozen global model."""
-    return stage.scores(model, image, image_global, size_p, sub_batch, frozen)
-
-
-def _scores_global(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
-    """Mode 1: the global logits alone."""
-    return Scores(model.global_maps(image_global, policy=Release(other=True)).output, None, None)
-
-
-def _canvases(image: torch.Tensor, n_class: int, size_p: int):
-    """The patch grid of an image, and two zero score canvases on the cells of score_grid."""
-    grid = PatchGrid.for_size(*image.shape[-2:], size_p)
-    sgrid, stride = score_grid(grid)
-    local = torch.zeros((n_class, sgrid.height, sgrid.width), dtype=torch.float32, device=image.device)
-    return grid, sgrid, stride, local, torch.zeros_like(local)
-
-
-def _scores_global2local(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
-    """Mode 2: the model's global maps as context of its local branch (section 5)."""
-    grid, sgrid, stride, local, aggregated = _canvases(image, model.ensemble_conv.out_channels, size_p)
-    bb = backbone_batch(image.device)
-    glob = model.global_maps(image_global)
-    for index, patches in patch_batches(image, grid, sub_batch):
-        ens, out, _ = global2local(model, patches, glob, grid, index, low_memory=True, backbone_batch=bb)
-        add_patch_scores(local, out, sgrid, index)
-        add_patch_scores(aggregated, ens, sgrid, index)
-    return Scores(glob.output, local, aggregated, stride)
-
-
-def _scores_local2global(model, image, image_global, size_p, sub_batch, frozen=None) -> Scores:
-    """Mode 3: the frozen global model's maps as context of the local branch, whose merged
-    maps are the context of the model's global branch (section 5)."""
-    if frozen is None:
-        raise ValueError("mode 3 needs the frozen global model")
-    grid, sgrid, stride, local, aggregated = _canvases(image, model.ensemble_conv.out_channels, size_p)
-    bb = backbone_batch(image.device)
-    # only the frozen maps shared with the local branch are needed (not its ps3 and logits)
-    fglob = frozen.global_maps(image_global)._replace(ps3=None, output=None)
-    template = coverage_template(grid, image.device)
-    lp = local2global_collect(
-        model, fglob, patch_batches(image, grid, sub_batch), grid, template, keep="ensemble_local", backbone_batch=bb
-    )
-    del template, fglob
-    add_patch_scores(local, lp.outputs, sgrid, range(len(grid)))
-    # the merged canvases are handed over: the global FPN frees each level once used
-    context, lp = lp.context, lp._replace(context=None)
-    glob = model.global_maps(image_global, context, Release(other=True))
-    del context
-    # the crops of the global ps3 (512 channels at the patch's 1/4) are the largest maps here:
-    # on the CPU one patch at a time, like the local ResNet
-    for index in sub_batches(len(grid), bb or sub_batch):
-        ens = local2global_ensemble(
-            model, glob.ps3, grid, index, ensemble_local=lp.ensemble_local[index[0] : index[-1] + 1]
-        )
-        add_patch_scores(aggregated, ens, sgrid, index)
-    return Scores(glob.output, local, aggregated, stride)
-
-
-def upsample_global(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Global logits (1, C, h, w) -> (C, H, W) with legacy 'nearest' (section 7)."""
-    return F.interpolate(logits, size=tuple(size), mode="nearest")[0]
-
-
-def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """One of the 8 flips/rotations of the last two dims: horizontal flip, then k x 90 degrees."""
-    if flip:
-        x = x.flip(-1)
-    return torch.rot90(x, k, dims=(-2, -1))
-
-
-def undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    x = torch.rot90(x, -k, dims=(-2, -1))
-    return x.flip(-1) if flip else x
-
-
-def predict(
-    model: GLNet, stage: Stage, image: torch.Tensor, image_global: torch.Tensor, size_p: int, sub_batch: int,
-    frozen: GLNet | None = None, tta: bool = False, predict_fn=None,
-) -> dict[str, torch.Tensor]:
-    """Class maps (H, W) int64 of one image for each output of `stage`.
-
-    With `tta`, scores are summed over the 8 flips/rotations of the image (and of
-    the global image), each undone before the sum. `predict_fn` replaces
-    `predict_scores` (for tests).
-    """
-    fn = predict_fn or predict_scores
-    patched = [name for name in ("local", "aggregated") if name in stage.outputs]
-    if not tta:
-        s = fn(model, stage, image, image_global, size_p, sub_batch, frozen)
-        # argmax commutes with nearest upsampling: argmax at 1/4, then upsample the indices.
-        out = {"global": upsample_global(s.global_.argmax(1, keepdim=True).float(), image.shape[-2:])[0].long()}
-        for name in patched:
-            out[name] = upsample_canvas(getattr(s, name).argmax(0), s.stride)
-        return out
-    total: dict[str, torch.Tensor] = {}
-    for flip in (False, True):
-        for k in range(4):
-            view = dihedral(image, k, flip)
-            s = fn(model, stage, view, dihedral(image_global, k, flip), size_p, sub_batch, frozen)
-            parts = {"global": upsample_global(s.global_, view.shape[-2:])}
-            for name in patched:
-                parts[name] = upsample_canvas(getattr(s, name), s.stride)
-            for name in stage.outputs:
-                v = undo_dihedral(parts[name], k, flip)
-                total[name] = v if name not in total else total[name] + v
-    return {name: v.argmax(0) for name, v in total.items()}
-
-
-def save_prediction(pred: torch.Tensor, path: str, classes=None) -> None:
-    """Colour PNG of a class map (the class table's palette; DeepGlobe's by default), written atomically."""
-    classes = classes or class_table(7)
-    save_png(path, classes.colorize(pred.to("cpu", torch.uint8).numpy()))
-
-
-def evaluate(
-    model: GLNet, loader, cfg: Config, frozen: GLNet | None = None, predictions_dir: str | None = None,
-    with_labels: bool = True, desc: str = "evaluation",
-) -> tuple[dict[str, ConfusionMatrix], dict[str, Any] | None]:
-    """Predict every image of `loader`; return a confusion matrix per output and the
-    first image with its label and predictions (for TensorBoard)."""
-    model.eval()
-    if frozen is not None:
-        frozen.eval()
-    device, classes = cfg.device, cfg.classes
-    cms = cfg.confusion_matrices()
-    example = None
-    if predictions_dir:
-        os.makedirs(predictions_dir, exist_ok=True)
-    bar = tqdm(loader, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    for batch in bar:
-        for b, image in enumerate(batch["image"]):
-            image = image.to(device, non_blocking=True)
-            ig = batch["image_global"][b : b + 1].to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                preds = predict(model, cfg.stage, image, ig, cfg.size_p, cfg.sub_batch, frozen, cfg.tta)
-            h, w = batch["size"][b]
-            preds = {k: v[:h, :w] for k, v in preds.items()}  # drop the padding
-            if with_labels:
-                label = batch["label"][b][:h, :w].to(device, non_blocking=True)
-                for name, pred in preds.items():
-                    cms[name].update(label, pred)
-            if predictions_dir:
-                path = os.path.join(predictions_dir, f"{batch['id'][b]}_mask.png")
-                save_prediction(preds[cfg.stage.main_output], path, classes)
-            if example is None:
-                example = _example(batch, b, preds, with_labels)
-        if with_labels and cfg.progress:
-            bar.set_postfix({k[:3]: f"{cm.miou():.3f}" for k, cm in cms.items()})
-    return cms, example
-
-
-def _example(batch, b: int, preds: dict[str, torch.Tensor], with_labels: bool) -> dict[str, Any]:
-    h, w = batch["size"][b]
-    return {
-        "id": batch["id"][b],
-        "image": batch["image"][b][:, :h, :w],
-        "label": batch["label"][b][:h, :w] if with_labels else None,
-        # class ids fit 8 bits (--n_class <= 255): 8x less than int64 at 2448 px
-        "predictions": {k: v.to("cpu", torch.uint8) for k, v in preds.items()},
-    }
-
-
-# ----------------------------------------------------------------------------- training
 
 class StepResult(NamedTuple):
     """What a training step returns for one micro-batch: `objective`, the tensor to call
@@ -533,13 +278,13 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     keep = [b >= len(images) - max(cfg.keep_patch_maps, 1) for b in range(len(images))]
     contexts, scored, kept = [], [], {}
     for b, (image, grid) in enumerate(zip(images, grids)):
-        lp = _local_pass(step, ig[b : b + 1], image, grid, keep="ps3" if keep[b] else None)
+        context, outputs, ps3 = _local_pass(step, ig[b : b + 1], image, grid, keep[b])
         for index, y in zip(sub_batches(len(grid), cfg.sub_batch), targets[b]):
-            scored.append(("local", y, step.to_device(lp.outputs[index]).argmax(1)))
-        contexts.append(lp.context.context())
+            scored.append(("local", y, step.to_device(outputs[index]).argmax(1)))
+        contexts.append(context.context())
         if keep[b]:
-            kept[b] = lp.ps3
-        del lp
+            kept[b] = ps3
+        del context, outputs, ps3
     context = Maps.from_context([torch.cat(maps) for maps in zip(*contexts)])
     del contexts
     glob = model.global_maps(ig, context)
@@ -565,16 +310,29 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     return StepResult(objective, losses, scored)
 
 
-def _local_pass(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor, grid: PatchGrid, keep):
-    """Mode 3 training, first pass over one image's patches (`local2global_collect`).
-    Per-patch results are parked on the CPU when training on a GPU, like the original."""
+def _local_pass(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor, grid: PatchGrid,
+                keep_ps3: bool) -> tuple[Maps, torch.Tensor, torch.Tensor | None]:
+    """Mode 3 training, first pass over one image's patches, without grad: the local branch
+    on every patch with crops of the frozen global model's maps, its maps merged into
+    canvases sized like those. Returns (the merged maps, the patches' local logits, their
+    ps3 if `keep_ps3`). Per-patch results are parked on the CPU when training on a GPU,
+    like the original."""
     cfg = step.cfg
     store = torch.device("cpu") if cfg.device.type == "cuda" else cfg.device
+    outputs, kept = [], []
     with torch.no_grad():
         fglob = step.frozen.global_maps(image_global)
         template = coverage_template(grid, cfg.device)
-        batches = patch_batches(image, grid, cfg.sub_batch)
-        return local2global_collect(step.model, fglob, batches, grid, template, keep=keep, store=store)
+        canvases = LocalCanvases(fglob)
+        for index, patches in patch_batches(image, grid, cfg.sub_batch):
+            logits = []
+            for _, ps3, out in step.model.local_patches(patches, fglob, grid, index, canvases):
+                if keep_ps3:
+                    kept.append(ps3.to(store))
+                logits.append(out)
+            outputs.append(torch.cat(logits).to(store))
+        context = canvases.finish(template)
+    return context, torch.cat(outputs), torch.cat(kept) if keep_ps3 else None
 
 
 def _ps3_kept(ps3: torch.Tensor, grid: PatchGrid, sub_batch: int):
@@ -589,111 +347,9 @@ def _ps3_again(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor,
     with torch.no_grad():
         fglob = step.frozen.global_maps(image_global)
     for index, patches in patch_batches(image, grid, cfg.sub_batch):
-        ps3 = []
-        take = lambda group, maps, k: ps3.append(maps) if group == "ps3" else None  # noqa: E731
         with torch.no_grad():  # not around the yield: the caller's code needs grad
-            step.model.local_maps_released(patches, fglob, grid, index, take)
+            ps3 = [p for _, p, _ in step.model.local_patches(patches, fglob, grid, index)]
         yield index, torch.cat(ps3)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _flag_last(items) -> Iterator[tuple[Any, bool]]:
-    """(item, whether it is the last one) for each item of an iterable, read one ahead."""
-    it = iter(items)
-    try:
-        item = next(it)
-    except StopIteration:
-        return
-    for following in it:
-        yield item, False
-        item = following
-    yield item, True
-
-
-def accumulate(step: TrainStep, batch: dict[str, Any], cms: dict[str, ConfusionMatrix], forward=None) -> dict[str, torch.Tensor]:
-    """Forward and backward of every micro-batch of `batch`: gradients summed in .grad,
-    train confusion matrices updated; returns the losses summed over the micro-batches.
-    `forward` runs a micro-batch: the step itself (default) or a DistributedDataParallel
-    wrapper of it, whose gradients are then all-reduced once, in the last backward (the
-    others run under its no_sync(); every rank must cut its batch into as many micro-batches)."""
-    forward = forward or step
-    sums: dict[str, torch.Tensor] = {}
-    for micro, last in _flag_last(step.micro_batches(batch)):
-        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
-        with sync:
-            result = forward(micro)
-            result.objective.backward()
-        for name, label, pred in result.scored:
-            cms[name].update(label, pred)
-        for k, v in result.losses.items():
-            sums[k] = v if k not in sums else sums[k] + v
-        del result
-    return sums
-
-
-def train_one_epoch(
-    step: TrainStep, loader, optimizer: torch.optim.Optimizer, epoch: int, scaler=None, on_iteration=None,
-    forward: Callable | None = None, agree: Callable[[bool], bool] | None = None,
-) -> dict[str, float]:
-    """One epoch: poly lr per iteration, one optimizer step per batch (gradients summed
-    over its micro-batches, see `accumulate`). Returns the mean loss and the train mIoU of
-    each output (at the loss resolution, 1/4), both of this process's batches.
-
-    `forward`: see `accumulate`; `agree(flag)`: whether any process has `flag` (under
-    torchrun, so that a non-finite loss on one process stops all at the same iteration)."""
-    cfg = step.cfg
-    step.train()
-    cms = cfg.confusion_matrices()
-    iters = len(loader)
-    loss_sum, n = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not cfg.progress, dynamic_ncols=True)
-    for i, batch in enumerate(bar):
-        lr = poly_lr(cfg.base_lr, epoch, i, iters, cfg.num_epochs)
-        set_lr(optimizer, lr)
-        with autocast(cfg.device, cfg.amp):
-            sums = accumulate(step, batch, cms, forward)
-        loss = float(sums["loss"])
-        bad = not math.isfinite(loss)
-        if agree is not None:  # collective: every process calls it every iteration
-            bad = agree(bad)
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in sums.items() if k != "loss")
-            what = f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite loss on another process (here {loss:.4g})"
-            raise NonFiniteLoss(f"{what} at epoch {epoch + 1}, iteration {i + 1} of {iters} ({parts})")
-        if scaler is not None:  # fp16: skips the step when gradients overflowed
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss
-        n += 1
-        if cfg.progress:
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", **{f"mIoU_{k[:3]}": f"{cm.miou():.3f}" for k, cm in cms.items()})
-        if on_iteration is not None:
-            on_iteration(i, lr, loss)
-    stats = {"loss": loss_sum / max(n, 1)}
-    stats.update({f"miou_{k}": cm.miou() for k, cm in cms.items()})
-    return stats
-
-
-def example_grid(example: dict[str, Any], classes=None, max_side: int = 512) -> np.ndarray:
-    """Image | label | predictions side by side, in the class table's colours, (3, h, W) uint8 for TensorBoard."""
-    classes = classes or class_table(7)
-    img = example["image"]
-    h, w = img.shape[-2:]
-    s = max(1, math.ceil(max(h, w) / max_side))
-    tiles = [img[:, ::s, ::s].permute(1, 2, 0).numpy()]
-    if example["label"] is not None:
-        tiles.append(classes.colorize(example["label"][::s, ::s].numpy()))
-    for name in ("global", "local", "aggregated"):
-        if name in example["predictions"]:
-            tiles.append(classes.colorize(example["predictions"][name][::s, ::s].numpy().astype(np.uint8)))
-    return np.concatenate(tiles, axis=1).transpose(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -706,16 +362,16 @@ STAGES: dict[int, Stage] = {
     1: Stage(
         1, "global", "fpn_deepglobe_global", 120, 5e-5, _GLOBAL_PARTS, ("global",), "global", "size_g",
         init_from=(), backbones=("resnet_global", "resnet_local"), eval_from="path_g", frozen_from=None,
-        plain_eval=True, one_forward_per_batch=True, scores=_scores_global, micro_batches=_micro_whole_batch, losses=_losses_global,
+        plain_eval=True, one_forward_per_batch=True, scores=inference.score_global, micro_batches=_micro_whole_batch, losses=_losses_global,
     ),
     2: Stage(
         2, "global2local", "fpn_deepglobe_global2local", 50, 2e-5, _LOCAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_p",
         init_from=(("path_g", True),), backbones=("resnet_local",), eval_from="path_g2l", frozen_from=None,
-        plain_eval=False, one_forward_per_batch=False, scores=_scores_global2local, micro_batches=_micro_global2local, losses=_losses_global2local,
+        plain_eval=False, one_forward_per_batch=False, scores=inference.score_global2local, micro_batches=_micro_global2local, losses=_losses_global2local,
     ),
     3: Stage(
         3, "local2global", "fpn_deepglobe_local2global", 120, 5e-5, _GLOBAL_PARTS, _ALL_OUTPUTS, "aggregated", "size_g",
         init_from=(("path_g2l", False),), backbones=(), eval_from="path_l2g", frozen_from="path_g",
-        plain_eval=False, one_forward_per_batch=True, scores=_scores_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
+        plain_eval=False, one_forward_per_batch=True, scores=inference.score_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
     ),
 }

@@ -5,13 +5,13 @@
 
 Inputs are image files (JPEG, PNG, TIFF, GeoTIFF), folders (their images, not recursive) or
 globs. Per image, the outputs of --format go to --out as <stem>_mask.png etc. (utils/outputs.py);
-the predictions are evaluation's (`--evaluation --predictions_dir` gives the same classes),
-made in bounded memory (tiled.py): patches by rows, each band of output rows written as soon
-as it is final. A bad input is reported in one line and the others are still written; the
+the predictions are evaluation's (`--evaluation --predictions_dir` gives the same classes):
+the same code (inference.py) makes them in bounded memory, patches by rows, each band of
+output rows written as soon as it is final. A bad input is reported in one line and the others are still written; the
 exit status is 0 only if every input was. Under torchrun the inputs are shared out among the
 processes.
 
-This file is the command line only; the prediction is tiled.py, the image readers
+This file is the command line only; the prediction is inference.py, the image readers
 dataset/raster.py, the writers utils/outputs.py.
 """
 from __future__ import annotations
@@ -203,7 +203,10 @@ def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int,
 def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[str]) -> str:
     """Predict `path` and write its outputs; returns the summary line. `inputs`: the real
     paths of all inputs, which no output may replace."""
-    import tiled
+    import torch
+
+    import helper
+    import inference
     from utils import outputs
     from dataset.raster import image_size, open_image
 
@@ -222,17 +225,21 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
         if not src.faithful:
             print(f"note: {path} is above {args.faithful_max_mp:g} MP: its global view is a decimated read "
                   "(not evaluation's PIL resize)", file=sys.stderr)
-        opts = tiled.Options(args.size_g, args.size_p, args.sub_batch_size, args.amp, args.tta,
-                             "confidence" in args.format, not args.no_progress)
+        confidence = "confidence" in args.format
+        settings = inference.Settings.for_device(device, args.size_p, args.sub_batch_size, tta=args.tta,
+                                                 confidence=confidence, exact_coverage=src.faithful, spill_dir=args.out)
+        pixels = inference.SourcePixels(src, args.size_p, device, None if args.no_progress else os.path.basename(path))
+        image_global = src.image_global[None].to(device)
         spools = {"classes": outputs.Spool(src.height, src.width, args.out)}
-        if opts.confidence:
+        if confidence:
             spools["confidence"] = outputs.Spool(src.height, src.width, args.out)
         try:
-            n_patches = 0
-            for strip in tiled.predict_strips(model, stage, src, opts, device, frozen, args.out, os.path.basename(path)):
-                spools["classes"].write(strip.top, strip.classes)
-                if strip.confidence is not None:
-                    spools["confidence"].write(strip.top, strip.confidence)
+            with helper.autocast(device, args.amp):
+                for strip in inference.predict_strips(stage, inference.Models(model, frozen), pixels, image_global,
+                                                      (src.height, src.width), settings, (stage.main_output,)):
+                    spools["classes"].write(strip.top, strip.classes.to("cpu", torch.uint8).numpy())
+                    if strip.confidence is not None:
+                        spools["confidence"].write(strip.top, strip.confidence.cpu().numpy())
             if not spools["classes"].complete:
                 raise RuntimeError(f"{path}: the prediction stopped at row {spools['classes'].rows_written}")
             palette = classes.palette
@@ -247,15 +254,11 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
                     outputs.write_geotiff(p, spools["classes"], src.georef, palette)
                 elif fmt == "overlay":
                     outputs.write_overlay(p, spools["classes"], src.thumbnail(args.overlay_size), palette)
-            if stage.main_output != "global":
-                from utils.geometry import PatchGrid
-
-                n_patches = len(PatchGrid.for_size(max(src.height, args.size_p), max(src.width, args.size_p), args.size_p))
         finally:
             for s in spools.values():
                 s.close()
         seconds = time.perf_counter() - start
-        return (f"{path}: {src.width}x{src.height}, {n_patches} patches, {seconds:.1f} s -> "
+        return (f"{path}: {src.width}x{src.height}, {pixels.patches_read} patches, {seconds:.1f} s -> "
                 + ", ".join(os.path.basename(p) for p in paths.values()))
 
 

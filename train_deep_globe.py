@@ -210,13 +210,25 @@ def _run(args, explicit, argv, procs, device) -> int:
             raise UserError("--sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU); leave it out")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     build.tune_for_device((model, frozen), device, args.compile)
-    cfg = helper.Config.from_args(args, device)
+    cfg = config_from_args(args, device)
     if not procs.main:
         cfg = dataclasses.replace(cfg, progress=False)
     if args.evaluation:
         return engine.run_evaluation(args, cfg, model, frozen, next(iter(datasets.values())), procs)
     command = run.resume_command(__file__, argv)
     return engine.Trainer(args, cfg, model, frozen, datasets, command, procs).run(state)
+
+
+def config_from_args(args, device):
+    """What training and evaluation need to know of the run (helper.Config), from its flags."""
+    import helper
+    from dataset.presets import classes_from_args
+
+    return helper.Config(
+        helper.STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size, args.lamb_fmreg,
+        args.num_epochs, args.lr, args.amp, args.tta, not args.no_progress, args.keep_patch_maps,
+        classes_from_args(args),
+    )
 
 
 def explicit_flags(argv: list[str] | None) -> set[str]:

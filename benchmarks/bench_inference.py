@@ -3,7 +3,7 @@
 Synthetic DeepGlobe-layout images are written to a folder first (in a subprocess, so that
 their generation does not count in this process's peak memory). Then, per image, the timed
 path is: JPEG/PNG decode -> DeepGlobe dataset item (global image resize, label) -> collate ->
-helper.evaluate (host->device copy, helper.predict, confusion matrix update) -> predictions.
+engine.evaluate (host->device copy, inference.predict_strips, confusion matrix update) -> predictions.
 The first --warmup images are run but not timed. Weights are random (GLNet after
 torch.manual_seed(0); for mode 3 a second GLNet as the frozen global model), so no checkpoint
 is needed and the figures do not depend on the weights.
@@ -179,7 +179,7 @@ def prepare_data(args: argparse.Namespace, out: str) -> float:
 
 class TimedImages:
     """The evaluation's loader, timing each image: `batches()` yields the images one by one
-    (each a collated batch of one). helper.evaluate evaluates one image between two resumptions
+    (each a collated batch of one). engine.evaluate evaluates one image between two resumptions
     of that generator, so an image's time runs from the start of its loading to the start of
     the next one's (for the last image: to the end of the loop), the device synchronised at
     both ends. The first `warmup` images (the data set's, in turn) are run but not timed."""
@@ -242,8 +242,9 @@ def build_models(args, device):
 
 
 def evaluate_images(args, device, model, frozen, images: TimedImages) -> None:
-    """helper.evaluate over the images, as the CLI runs it; with --save_predictions the
+    """engine.evaluate over the images, as the CLI runs it; with --save_predictions the
     predictions go to a temporary folder, removed afterwards."""
+    import engine
     import helper
 
     pred_dir = tempfile.mkdtemp(prefix="bench_preds_") if args.save_predictions else None
@@ -252,7 +253,7 @@ def evaluate_images(args, device, model, frozen, images: TimedImages) -> None:
         with B.autocast(device, args.precision):
             cfg = helper.Config(helper.STAGES[args.mode], device, args.n_class, args.size_p, args.sub_batch_size,
                                 tta=args.tta, progress=False)
-            helper.evaluate(model, images.batches(), cfg, frozen, predictions_dir=pred_dir, with_labels=not args.no_labels)
+            engine.evaluate(model, images.batches(), cfg, frozen, predictions_dir=pred_dir, with_labels=not args.no_labels)
     finally:
         if pred_dir:
             shutil.rmtree(pred_dir, ignore_errors=True)
@@ -286,7 +287,7 @@ def run_in_process(args, device, data_dir: str) -> dict:
     """Build the models (timed apart), then evaluate the warm-up and the timed images."""
     import torch  # noqa: F401  (the imports stay out of the model build's time)
 
-    import helper  # noqa: F401
+    import engine  # noqa: F401
     from dataset.deep_globe import DeepGlobe
 
     t0 = time.perf_counter()
@@ -319,7 +320,7 @@ def eval_command(args, device, data_dir: str, work: str, ckpt: list[str]) -> lis
 
 
 def evaluate_seconds(lines: list[str]) -> float | None:
-    """helper.evaluate's own time, from the CLI's last 'crossvali: N images in S s' line."""
+    """engine.evaluate's own time, from the CLI's last 'crossvali: N images in S s' line."""
     eval_s = None
     for line in lines:
         m = re.match(r"crossvali: (\d+) images in ([\d.]+) s", line)
@@ -341,7 +342,7 @@ def run_eval_cli(args, device, data_dir: str, work: str) -> dict:
         "wall_seconds": wall,
         "seconds_per_image": wall / args.n_images,
         "images_per_second": args.n_images / wall,
-        "evaluate_seconds": eval_s,  # helper.evaluate alone, as the CLI reports it
+        "evaluate_seconds": eval_s,  # engine.evaluate alone, as the CLI reports it
         "evaluate_seconds_per_image": None if eval_s is None else eval_s / args.n_images,
         "startup_seconds": None if eval_s is None else wall - eval_s,  # imports, model build, checkpoints, metrics
         "child_peak_rss_mib": B._kib_to_mib(usage.ru_maxrss),

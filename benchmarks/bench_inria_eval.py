@@ -4,7 +4,7 @@ A thin layer over bench_inference.py with the Inria settings (`--dataset inria`:
 536 px patches and global view, sub-batch 6): one uniform-noise 5000x5000 RGB TIFF with a
 random 0/1 label, random-init weights, and by default the whole `train_deep_globe.py
 --evaluation` process timed (wall time, its peak RSS, the peak PSS of it and its loader
-workers). `--in_process` times helper.evaluate in this process instead (seconds of the image,
+workers). `--in_process` times engine.evaluate in this process instead (seconds of the image,
 peak RSS of this process). Every other option of bench_inference.py can be given and wins over
 these defaults (e.g. `--size_p 508`, `--device cuda`, `--n_images 2`).
 

@@ -1,7 +1,7 @@
 """Training benchmark: seconds per iteration and peak memory of each GLNet stage.
 
 Each iteration is one optimizer step on one batch, through the project's own training code
-(helper.configure_stage, helper.make_optimizer, helper.train_one_epoch with the stage's TrainStep),
+(helper.configure_stage, helper.make_optimizer, engine.train_one_epoch with the stage's TrainStep),
 on synthetic batches built directly as tensors in the format of dataset.deep_globe.collate
 (random uint8 images and labels; the global image and label are their resized versions).
 Weights are random (GLNet after torch.manual_seed(0); mode 3 gets a second GLNet as the frozen
@@ -130,7 +130,7 @@ def setup_stage(args, mode: int, device) -> tuple:
 
 
 class IterationTimer:
-    """Times each optimizer step of helper.train_one_epoch through its on_iteration callback:
+    """Times each optimizer step of engine.train_one_epoch through its on_iteration callback:
     the time from the previous step's end (or the epoch's start) to this one's, the device
     synchronised at both ends."""
 
@@ -150,12 +150,12 @@ class IterationTimer:
 
     def epoch(self, n: int) -> None:
         """n iterations on the same batch, in one train_one_epoch call."""
-        import helper
+        import engine
 
         B.synchronize(self.device)
         self.last = time.perf_counter()
         with B.autocast(self.device, self.precision):
-            helper.train_one_epoch(self.step, [self.batch] * n, self.optimizer, 0, on_iteration=self.on_iteration,
+            engine.train_one_epoch(self.step, [self.batch] * n, self.optimizer, 0, on_iteration=self.on_iteration,
                                    forward=self.forward)
 
 

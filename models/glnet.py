@@ -6,7 +6,7 @@ and return. The device is the inputs' device.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,32 +55,64 @@ def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=k, stride=1, padding=k // 2)
 
 
-class Keep:
-    """Memory policy of an FPN pass that keeps every map (training: autograd needs them;
-    mode 2 crops all of the global maps)."""
+class KeepMaps:
+    """What an FPN pass does with each group of maps (c, ps0, ps1, ps2) once it has used
+    it, in training: nothing (autograd needs them; mode 2 crops every global map)."""
 
-    def release(self, group: str, own: list, other) -> None:
+    def done(self, group: str, own: list, other) -> None:
         pass
 
 
-class Release:
-    """Memory policy of inference: each group of maps (c, ps0, ps1, ps2) is handed to
-    `sink(group, maps)` if given and then dropped as soon as the FPN is done with it, so
-    that it is not alive while the larger later stages run. other=True: the other
-    branch's group goes too (its fields must then be lists, which are emptied)."""
+class FreeMaps:
+    """Inference: each group of maps is freed as soon as the FPN has used it, so that it is
+    not alive while the larger later stages run. The FPN's own lists are emptied; with
+    context=True also the lists of the other branch's maps it was given, which the caller
+    hands over with the call (mode 3's merged canvases)."""
 
-    def __init__(self, sink=None, other: bool = False) -> None:
-        self.sink, self.other = sink, other
+    def __init__(self, context: bool = False) -> None:
+        self.context = context
 
-    def release(self, group: str, own: list, other) -> None:
-        if self.sink is not None:
-            self.sink(group, tuple(own))
+    def done(self, group: str, own: list, other) -> None:
         own.clear()
-        if self.other and other is not None:
+        if self.context and other is not None:
             other.clear()
 
 
-KEEP = Keep()
+class LocalCanvases:
+    """Mode 3: the local branch's c2..c5, ps0, ps1, ps2 merged over all patches of one image
+    (section 4), one float32 canvas per map of the frozen global model, sized like it (float32
+    also under autocast: they sum many patches). `merge` adds one patch's maps of a group;
+    `finish` divides by the coverage once all patches are in."""
+
+    def __init__(self, like: Maps) -> None:
+        canvases = [t.new_zeros((1, *t.shape[1:]), dtype=torch.float32) for t in like.context()]
+        self.groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
+
+    def merge(self, group: str, maps: Sequence[torch.Tensor], grid: PatchGrid, patch: int) -> None:
+        for canvas, m in zip(self.groups[group], maps):
+            merge_local(canvas, m, grid, [patch])
+
+    def finish(self, coverage) -> Maps:
+        """The merged maps, normalised in place (`coverage`: as `normalize_merged`'s template).
+        Their fields are lists: FreeMaps(context=True) can hand them over to the global FPN."""
+        canvases = [c for group in ("c", "ps0", "ps1", "ps2") for c in self.groups[group]]
+        self.groups = {}
+        return Maps.from_context([normalize_merged(c, coverage, inplace=True) for c in canvases])
+
+
+class MergeMaps:
+    """Mode 3's local pass: each group of one patch's maps is merged into the image's
+    `LocalCanvases` as soon as the FPN has used it, then freed."""
+
+    def __init__(self, canvases: LocalCanvases, grid: PatchGrid, patch: int) -> None:
+        self.canvases, self.grid, self.patch = canvases, grid, patch
+
+    def done(self, group: str, own: list, other) -> None:
+        self.canvases.merge(group, own, self.grid, self.patch)
+        own.clear()
+
+
+KEEP_MAPS = KeepMaps()
 _LATERAL = ("toplayer", "latlayer1", "latlayer2", "latlayer3")  # p5, p4, p3, p2
 
 
@@ -113,11 +145,11 @@ class _FPNBase(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.constant_(m.bias, 0.0)
 
-    def _run(self, c: list, other: Maps | None, sfx: str, policy=KEEP) -> Maps:
+    def _run(self, c: list, other: Maps | None, sfx: str, policy=KEEP_MAPS) -> Maps:
         """The FPN on backbone maps c = [c2, c3, c4, c5] (a list). With `other`, the other
         branch's map of each level is concatenated after the own one, the layers are those
-        named with `sfx`, and ps3 is smoothed. `policy` decides what happens to each group
-        of maps once the FPN is done with it (Keep, Release)."""
+        named with `sfx`, and ps3 is smoothed. `policy.done` is called on each group of maps
+        once the FPN is done with it (KeepMaps, FreeMaps, MergeMaps)."""
         layer = lambda name: getattr(self, name + sfx)  # noqa: E731
         o = other if other is not None else Maps([None] * 4, [None] * 4, [None] * 4, [None] * 4)
 
@@ -128,13 +160,13 @@ class _FPNBase(nn.Module):
         for k, name in enumerate(_LATERAL):
             lateral = lambda: layer(name)(join(c[3 - k], o.c[3 - k]))  # noqa: E731
             ps0.append(lateral() if k == 0 else _up(ps0[-1], c[3 - k]) + lateral())
-        policy.release("c", c, o.c)
+        policy.done("c", c, o.c)
         ps1 = [layer(f"smooth{k + 1}_1")(join(ps0[k], o.ps0[k])) for k in range(4)]
-        policy.release("ps0", ps0, o.ps0)
+        policy.done("ps0", ps0, o.ps0)
         ps2 = [layer(f"smooth{k + 1}_2")(join(ps1[k], o.ps1[k])) for k in range(4)]
-        policy.release("ps1", ps1, o.ps1)
+        policy.done("ps1", ps1, o.ps1)
         ps3 = self._concat_levels(ps2, other.ps2 if other is not None else None)
-        policy.release("ps2", ps2, o.ps2)
+        policy.done("ps2", ps2, o.ps2)
         if other is not None:
             ps3 = self.smooth(ps3)
         return Maps(c, ps0, ps1, ps2, ps3, self.classify(ps3))
@@ -175,7 +207,7 @@ class FPNGlobal(_FPNBase):
             self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: list, local: Maps | None = None, policy=KEEP) -> Maps:
+    def forward(self, c: list, local: Maps | None = None, policy=KEEP_MAPS) -> Maps:
         """c: the global backbone's maps (a list); `local`: the merged local maps (mode 3)."""
         if local is not None and not self.with_context:
             raise ValueError("this global FPN was built with context=False: it cannot take local maps")
@@ -198,7 +230,7 @@ class FPNLocal(_FPNBase):
         self.smooth = _conv(1024, 512, 3)
         self._init_weights()
 
-    def forward(self, c: list, glob: Maps, policy=KEEP) -> Maps:
+    def forward(self, c: list, glob: Maps, policy=KEEP_MAPS) -> Maps:
         return self._run(c, glob, "", policy)
 
 
@@ -229,8 +261,8 @@ class GLNet(nn.Module):
     """The authors' `fpn` module: two ResNet-50s, two FPNs and the ensemble conv.
 
     Parameter names match the released checkpoints (with a `module.` prefix there).
-    `forward` is the plain global path (mode 1); the other modes are the functions
-    `global2local` and `local2global_*` below.
+    `forward` is the plain global path (mode 1); the other modes are built from
+    `global_maps`, `local_maps` / `local_patches` and the functions below.
     """
 
     def __init__(self, n_class: int, local: bool = True, context: bool = True) -> None:
@@ -267,9 +299,9 @@ class GLNet(nn.Module):
         """Mode 1: class logits at 1/4 of the global image."""
         return self.global_maps(image_global).output
 
-    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None, policy=KEEP) -> Maps:
+    def global_maps(self, image_global: torch.Tensor, local: Maps | None = None, policy=KEEP_MAPS) -> Maps:
         """Global branch on (B, 3, size_g, size_g); `local` = merged local canvases (mode 3).
-        policy=Release(other=True) (inference): every map is dropped once the FPN is done
+        policy=FreeMaps(context=True) (inference): every map is freed once the FPN is done
         with it, those of `local` too (its fields must be lists, which are emptied); the
         result then holds only ps3 and output."""
         return self.fpn_global(list(self.resnet_global(image_global)), local, policy)
@@ -280,33 +312,30 @@ class GLNet(nn.Module):
         c = self.resnet_local(patches)
         return self.fpn_local(list(c), _context(glob, [x.shape[-2:] for x in c], grid, index))
 
-    def local_maps_released(
-        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int], sink,
-        backbone_batch: int | None = None,
-    ) -> torch.Tensor:
-        """`local_maps` for inference: the FPN runs one patch at a time and hands each
-        patch's c, ps0, ps1, ps2 and ps3 to sink(group, maps, [patch index]) as soon as it
-        is done with them (then drops them); returns the logits of all patches.
-        `backbone_batch` patches at a time go through the ResNet (default: all).
+    def local_patches(
+        self, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int],
+        canvases: LocalCanvases | None = None, backbone_batch: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """`local_maps` for inference, one patch at a time: yields (patch index, ps3, logits)
+        of each patch, both (1, ...). The FPN frees each group of the patch's maps once done
+        with it, after merging it into `canvases` if given (mode 3). `backbone_batch`
+        patches at a time go through the ResNet (default: all).
 
         Convolutions, resizes and crops act per sample: the same values as `local_maps`,
         up to the float rounding of the kernel oneDNN picks for one sample."""
-        out = []
         step = backbone_batch or len(index)
         for start in range(0, len(index), step):
             chunk = list(self.resnet_local(patches[start : start + step]))
             sizes = [x.shape[-2:] for x in chunk]
             n = chunk[0].shape[0]
             for i in range(n):
-                k = [index[start + i]]
+                k = index[start + i]
                 # one patch: hand over the list itself, which the FPN empties once done with it
                 c = chunk if n == 1 else [x[i : i + 1] for x in chunk]
-                policy = Release(lambda group, maps: sink(group, maps, k))
-                m = self.fpn_local(c, _context(glob, sizes, grid, k), policy)
-                sink("ps3", m.ps3, k)
-                out.append(m.output)
+                policy = FreeMaps() if canvases is None else MergeMaps(canvases, grid, k)
+                m = self.fpn_local(c, _context(glob, sizes, grid, [k]), policy)
+                yield k, m.ps3, m.output
             del chunk
-        return torch.cat(out)
 
     def ensemble(self, ps3_local: torch.Tensor, ps3_global_crop: torch.Tensor) -> torch.Tensor:
         return self.ensemble_conv(_cat(ps3_local, ps3_global_crop))
@@ -314,123 +343,41 @@ class GLNet(nn.Module):
 
 def global2local(
     model: GLNet, patches: torch.Tensor, glob: Maps, grid: PatchGrid, index: Sequence[int],
-    low_memory: bool = False, backbone_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mode 2 on one sub-batch of patches of one image (section 5).
+    """Mode 2 on one sub-batch of patches of one image (section 5), in training.
 
     `glob`: that image's global maps (computed once, without grad). Returns
     (output_ensemble, output_local, fmreg) where fmreg = MSE(ps3_l, crop(ps3_g)).
-    low_memory (inference only): the local FPN and the ensemble run patch by patch,
-    dropping each map once used; same outputs (fmreg: the mean of per-patch MSEs);
-    `backbone_batch`: see `GLNet.local_maps_released`.
+    (Inference: `inference.score_global2local`, patch by patch.)
     """
-    if not low_memory:
-        loc = model.local_maps(patches, glob, grid, index)
-        ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
-        return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
-    ens, mse = [], []
-
-    def take(name, maps, idx):
-        if name == "ps3":
-            g = crop_global(glob.ps3, grid, idx, maps.shape[-2:])
-            ens.append(model.ensemble(maps, g))
-            mse.append(F.mse_loss(maps, g))
-
-    out = model.local_maps_released(patches, glob, grid, index, take, backbone_batch)
-    return torch.cat(ens), out, torch.stack(mse).mean()
-
-
-class LocalPass(NamedTuple):
-    """Mode 3, first pass over one image's patches: merged canvases for the global
-    branch, and per patch the local logits and what `keep` asked for: the local ps3,
-    or the local half of the ensemble conv applied to it (or neither)."""
-
-    context: Maps
-    outputs: torch.Tensor
-    ps3: torch.Tensor | None
-    ensemble_local: torch.Tensor | None
-
-
-def local2global_collect(
-    model: GLNet,
-    frozen_glob: Maps,
-    patch_batches,
-    grid: PatchGrid,
-    template: torch.Tensor,
-    keep: str | None = "ps3",
-    store: torch.device | str | None = None,
-    backbone_batch: int | None = None,
-    keep_outputs: bool = True,
-    spill=None,
-) -> LocalPass:
-    """Mode 3 first pass (section 5): run the model's local branch on every patch
-    with crops of the frozen global model's maps, merging c2..c5, ps0, ps1, ps2
-    into canvases sized like those maps.
-
-    patch_batches yields (index, patches) sub-batches covering the whole grid.
-    keep="ps3": store each patch's ps3 (training needs it for ensemble_conv);
-    "ensemble_local": store only ensemble_conv's local half applied to it (n_class
-    channels instead of 512), which is all inference needs; None: neither. `store`:
-    device for the per-patch results (default: the patches' device).
-    `backbone_batch`: see `GLNet.local_maps_released`. Runs without grad.
-    Bounded memory (predict.py): keep_outputs=False drops the local logits; `spill(x)`
-    receives each patch's kept map (1, ...) instead of this function keeping it.
-    `template`: as for `normalize_merged`.
-    """
-    targets = frozen_glob.context()
-    # float32 canvases, also under autocast: they sum many patches
-    canvases = [t.new_zeros((1, *t.shape[1:]), dtype=torch.float32) for t in targets]
-    groups = {"c": canvases[0:4], "ps0": canvases[4:8], "ps1": canvases[8:12], "ps2": canvases[12:16]}
-    outputs, kept = [], []
-    w_local = model.ensemble_conv.weight[:, : 128 * 4].contiguous() if keep == "ensemble_local" else None
-
-    def park(x: torch.Tensor) -> torch.Tensor:
-        return x.to(store) if store is not None else x
-
-    def put(x: torch.Tensor) -> None:
-        if spill is not None:
-            spill(x)
-        else:
-            kept.append(park(x))
-
-    def take(name, maps, idx):
-        """Sink of the local FPN: merge each patch's maps as soon as they are made."""
-        if name != "ps3":
-            for canvas, m in zip(groups[name], maps):
-                merge_local(canvas, m, grid, idx)
-        elif keep == "ps3":
-            put(maps)
-        elif keep == "ensemble_local":
-            put(F.conv2d(maps, w_local, None, padding=1))
-
-    with torch.no_grad():
-        for index, patches in patch_batches:
-            out = model.local_maps_released(patches, frozen_glob, grid, index, take, backbone_batch)
-            if keep_outputs:
-                outputs.append(park(out))
-            del out
-    context = Maps.from_context([normalize_merged(c, template, inplace=True) for c in canvases])
-    kept = torch.cat(kept) if kept else None
-    return LocalPass(
-        context, torch.cat(outputs) if outputs else None,
-        kept if keep == "ps3" else None, kept if keep == "ensemble_local" else None,
-    )
+    loc = model.local_maps(patches, glob, grid, index)
+    ps3_g2l = crop_global(glob.ps3, grid, index, loc.ps3.shape[-2:])
+    return model.ensemble(loc.ps3, ps3_g2l), loc.output, F.mse_loss(loc.ps3, ps3_g2l)
 
 
 def local2global_ensemble(
-    model: GLNet, ps3_global: torch.Tensor, grid: PatchGrid, index: Sequence[int],
-    ps3_local: torch.Tensor | None = None, ensemble_local: torch.Tensor | None = None,
+    model: GLNet, ps3_global: torch.Tensor, grid: PatchGrid, index: Sequence[int], ps3_local: torch.Tensor,
 ) -> torch.Tensor:
     """Mode 3 ensemble logits for patches `index` of one image: ensemble_conv over
-    cat(ps3_l, crop(ps3_g) resized to ps3_l's size). ps3_global: (1, 512, h, w).
+    cat(ps3_l, crop(ps3_g) resized to ps3_l's size). ps3_global: (1, 512, h, w);
+    ps3_local: (n, 512, hl, wl)."""
+    fg = crop_global(ps3_global, grid, index, ps3_local.shape[-2:])
+    return model.ensemble(ps3_local, fg)
 
-    Give either ps3_local (n, 512, hl, wl) or ensemble_local, the precomputed local
-    half of the conv (see `local2global_collect`); the conv is linear, so the two
-    halves add up to the same logits (up to float rounding).
-    """
-    if ps3_local is not None:
-        fg = crop_global(ps3_global, grid, index, ps3_local.shape[-2:])
-        return model.ensemble(ps3_local, fg)
-    fg = crop_global(ps3_global, grid, index, ensemble_local.shape[-2:])
+
+def ensemble_local_half(model: GLNet, ps3_local: torch.Tensor) -> torch.Tensor:
+    """The local half of mode 3's ensemble conv applied to patches' ps3 (no bias): n_class
+    channels instead of 512, which is all that inference keeps of a patch until the global
+    branch has run. The conv is linear: `ensemble_with_global` adds the other half."""
+    return F.conv2d(ps3_local, model.ensemble_conv.weight[:, : 128 * 4].contiguous(), None, padding=1)
+
+
+def ensemble_with_global(
+    model: GLNet, local_half: torch.Tensor, ps3_global: torch.Tensor, grid: PatchGrid, index: Sequence[int],
+) -> torch.Tensor:
+    """Mode 3 ensemble logits of patches `index` from their `ensemble_local_half` and crops
+    of the global ps3 (1, 512, h, w): the same logits as `local2global_ensemble` up to float
+    rounding."""
+    fg = crop_global(ps3_global, grid, index, local_half.shape[-2:])
     conv = model.ensemble_conv
-    return ensemble_local + F.conv2d(fg, conv.weight[:, 128 * 4 :], conv.bias, padding=1)
+    return local_half + F.conv2d(fg, conv.weight[:, 128 * 4 :], conv.bias, padding=1)

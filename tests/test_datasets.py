@@ -445,6 +445,7 @@ def test_foreground_of_an_easy_binary_task_is_learned(tmp_path):
     of a random-init ResNet-50 are too few for BatchNorm running statistics to settle, so the
     model normalises with batch statistics in evaluation too (the loader, table, loss and
     training step under test are unchanged)."""
+    import engine
     import helper
     from models import GLNet
     from torch.utils.data import DataLoader
@@ -464,8 +465,8 @@ def test_foreground_of_an_easy_binary_task_is_learned(tmp_path):
     loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0))
     for epoch in range(cfg.num_epochs):
         train.set_epoch(epoch)
-        helper.train_one_epoch(step, loader, optimizer, epoch)
-    cms, _ = helper.evaluate(model, DataLoader(val, batch_size=2, collate_fn=collate), cfg)
+        engine.train_one_epoch(step, loader, optimizer, epoch)
+    cms, _ = engine.evaluate(model, DataLoader(val, batch_size=2, collate_fn=collate), cfg)
     iou = cms["global"].iou()
     share = sum(float((val[i]["label"] == 1).float().mean()) for i in range(len(val))) / len(val)
     assert iou[1] > 0.3 and iou[1] > 2 * share, (iou, share)  # predicting 'blob' everywhere scores `share`

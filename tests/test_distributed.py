@@ -45,7 +45,7 @@ def _worker(rank, world, store, mode, synchronise, out):
         step = helper.TrainStep(model, cfg, frozen if stage.frozen_from else None)
         forward = engine.wrap_distributed(step) if synchronise else step
         batches = [_batch(RANK_SIZES[rank], 10 * rank + k) for k in range(2)]  # different images per rank
-        helper.train_one_epoch(step, batches, optimizer, 0, forward=forward)
+        engine.train_one_epoch(step, batches, optimizer, 0, forward=forward)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -100,13 +100,14 @@ def _train_mode1(model, batches, device, forward_of=None):
     """Mode-1 steps with plain SGD: its update is linear in the gradient, so that float
     noise in the gradients stays noise in the weights (Adam would scale it up where the
     gradient is about zero)."""
+    import engine
     import helper
 
     stage = helper.STAGES[1]
     optimizer = torch.optim.SGD(helper.configure_stage(model, stage), lr=0.01)
     cfg = helper.Config(stage, device, 7, 128, 2, num_epochs=1, progress=False)
     step = helper.TrainStep(model, cfg)
-    helper.train_one_epoch(step, batches, optimizer, 0, forward=forward_of(step) if forward_of else None)
+    engine.train_one_epoch(step, batches, optimizer, 0, forward=forward_of(step) if forward_of else None)
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import helper
+import inference
 from models import GLNet
-from models.glnet import Maps, global2local, local2global_collect, local2global_ensemble
+from models.glnet import (
+    LocalCanvases, Maps, ensemble_local_half, ensemble_with_global, global2local, local2global_ensemble,
+)
 from utils.geometry import PatchGrid, coverage_template
 
 # Copied from shared/reference: every key of the authors' released checkpoints.
@@ -108,6 +111,28 @@ def _image(h, w):
     return (torch.rand(3, h, w) * 255).to(torch.uint8)
 
 
+def _scores(model, mode, image, ig, size_p, sub_batch, frozen=None, backbone_batch=1):
+    """inference.whole_scores of one image (the CPU's one patch per ResNet call by default)."""
+    settings = inference.Settings(size_p, sub_batch, backbone_batch)
+    inputs = inference.Inputs.of(inference.ImagePixels(image), ig, size_p)
+    return inference.whole_scores(helper.STAGES[mode], inference.Models(model, frozen), inputs, settings)
+
+
+def _local_pass(model, fglob, batches, grid, template):
+    """Mode 3's first pass, as training and inference run it: the local branch on every patch
+    with crops of `fglob`, its maps merged. Returns (merged maps, ps3, logits, local halves of
+    the ensemble conv), the last three per patch."""
+    canvases = LocalCanvases(fglob)
+    ps3, outputs, halves = [], [], []
+    with torch.no_grad():
+        for index, patches in batches:
+            for _, p3, out in model.local_patches(patches, fglob, grid, index, canvases):
+                ps3.append(p3)
+                outputs.append(out)
+                halves.append(ensemble_local_half(model, p3))
+    return canvases.finish(template), torch.cat(ps3), torch.cat(outputs), torch.cat(halves)
+
+
 def test_mode1_shapes(model):
     with torch.no_grad():
         g = model.global_maps(torch.rand(2, 3, 64, 64))
@@ -123,7 +148,7 @@ def test_mode2_shapes_and_context_is_used(model):
     image = _image(160, 200)
     with torch.no_grad():
         glob = model.global_maps(torch.rand(1, 3, 64, 64))
-        index, patches = next(helper.patch_batches(image, grid, 3))
+        index, patches = next(inference.patch_batches(image, grid, 3))
         ens, out, fmreg = global2local(model, patches, glob, grid, index)
         # different global context -> different local output
         glob2 = model.global_maps(torch.rand(1, 3, 64, 64))
@@ -139,8 +164,8 @@ def test_mode2_patch_batching_does_not_change_results(model):
     image = _image(160, 160)
     with torch.no_grad():
         glob = model.global_maps(torch.rand(1, 3, 64, 64))
-        whole = [global2local(model, p, glob, grid, i)[0] for i, p in helper.patch_batches(image, grid, 4)][0]
-        parts = torch.cat([global2local(model, p, glob, grid, i)[0] for i, p in helper.patch_batches(image, grid, 1)])
+        whole = [global2local(model, p, glob, grid, i)[0] for i, p in inference.patch_batches(image, grid, 4)][0]
+        parts = torch.cat([global2local(model, p, glob, grid, i)[0] for i, p in inference.patch_batches(image, grid, 1)])
     assert torch.allclose(whole, parts, atol=1e-5)
 
 
@@ -152,17 +177,16 @@ def test_mode3_shapes_and_split_ensemble(model):
     with torch.no_grad():
         fglob = frozen.global_maps(ig)
         tpl = coverage_template(grid)
-        kept = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep="ps3")
-        split = local2global_collect(model, fglob, helper.patch_batches(image, grid, 4), grid, tpl, keep="ensemble_local")
-        glob = model.global_maps(ig, kept.context)
-        full = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ps3_local=kept.ps3)
-        halves = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ensemble_local=split.ensemble_local)
+        context, ps3, outputs, local_halves = _local_pass(model, fglob, inference.patch_batches(image, grid, 4), grid, tpl)
+        glob = model.global_maps(ig, context)
+        full = local2global_ensemble(model, glob.ps3, grid, range(len(grid)), ps3_local=ps3)
+        halves = ensemble_with_global(model, local_halves, glob.ps3, grid, range(len(grid)))
     assert len(grid) == 4
     # canvases are sized like the frozen global maps
-    assert [tuple(m.shape) for m in kept.context.c] == [tuple(m.shape) for m in fglob.c]
-    assert [tuple(m.shape) for m in kept.context.ps2] == [tuple(m.shape) for m in fglob.ps2]
-    assert kept.outputs.shape == (4, 7, 32, 32) and kept.ps3.shape == (4, 512, 32, 32)
-    assert split.ensemble_local.shape == (4, 7, 32, 32)
+    assert [tuple(m.shape) for m in context.c] == [tuple(m.shape) for m in fglob.c]
+    assert [tuple(m.shape) for m in context.ps2] == [tuple(m.shape) for m in fglob.ps2]
+    assert outputs.shape == (4, 7, 32, 32) and ps3.shape == (4, 512, 32, 32)
+    assert local_halves.shape == (4, 7, 32, 32)
     assert glob.output.shape == (1, 7, 16, 16)
     assert full.shape == (4, 7, 32, 32)
     assert torch.allclose(full, halves, atol=1e-5)
@@ -171,7 +195,7 @@ def test_mode3_shapes_and_split_ensemble(model):
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_predict_scores_shapes(model, mode):
     frozen = GLNet(7).eval() if mode == 3 else None
-    s = helper.predict_scores(model, helper.STAGES[mode], _image(160, 200), torch.rand(1, 3, 64, 64), 128, 3, frozen)
+    s = _scores(model, mode, _image(160, 200), torch.rand(1, 3, 64, 64), 128, 3, frozen)
     assert s.global_.shape == (1, 7, 16, 16)
     if mode == 1:
         assert s.local is None and s.aggregated is None
@@ -270,14 +294,14 @@ def test_mode3_single_backward_equals_per_subbatch_backward(sizes):
         grid = PatchGrid.for_size(*image.shape[-2:], 128)
         with torch.no_grad():
             fglob = frozen.global_maps(batch["image_global"][b : b + 1])
-        passes.append((grid, local2global_collect(model, fglob, helper.patch_batches(image, grid, 2), grid,
-                                                  coverage_template(grid))))
-    context = Maps.from_context([torch.cat(m) for m in zip(*(lp.context.context() for _, lp in passes))])
+        passes.append((grid, _local_pass(model, fglob, inference.patch_batches(image, grid, 2), grid,
+                                         coverage_template(grid))))
+    context = Maps.from_context([torch.cat(m) for m in zip(*(lp[0].context() for _, lp in passes))])
     glob = model.global_maps(batch["image_global"], context)
     helper.focal_loss(glob.output, batch["label_global"]).backward(retain_graph=True)
     for b, (grid, lp) in enumerate(passes):
-        for index in helper.sub_batches(len(grid), 2):
-            ens = local2global_ensemble(model, glob.ps3[b : b + 1], grid, index, ps3_local=lp.ps3[index])
+        for index in inference.sub_batches(len(grid), 2):
+            ens = local2global_ensemble(model, glob.ps3[b : b + 1], grid, index, ps3_local=lp[1][index])
             helper.focal_loss(ens, helper.patch_labels(batch["label"][b], grid, index)).backward(retain_graph=True)
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert ours.keys() == ref.keys()
@@ -297,21 +321,21 @@ def test_coarse_canvases_equal_full_resolution(model, mode, size, stride, monkey
     frozen = GLNet(7).eval() if mode == 3 else None
     image, ig = _image(size, size), torch.rand(1, 3, 64, 64)
     grid = PatchGrid.for_size(size, size, 128)
-    assert helper.score_grid(grid)[1] == stride
-    fast = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
+    assert inference.score_grid(grid)[1] == stride
+    fast = _scores(model, mode, image, ig, 128, 4, frozen)
     assert fast.stride == stride and fast.local.shape == (7, size // stride, size // stride)
-    monkeypatch.setattr(helper, "score_grid", lambda g: (g, 1))
-    full = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
+    monkeypatch.setattr(inference, "score_grid", lambda g: (g, 1))
+    full = _scores(model, mode, image, ig, 128, 4, frozen)
     assert full.stride == 1 and full.local.shape == (7, size, size)
     for name in ("local", "aggregated"):
-        assert torch.equal(helper.upsample_canvas(getattr(fast, name), stride), getattr(full, name))
+        assert torch.equal(inference.upsample_canvas(getattr(fast, name), stride), getattr(full, name))
 
 
 def test_score_grid_falls_back_when_unaligned():
-    assert helper.score_grid(PatchGrid.for_size(2448, 2448, 508))[1] == 4
-    assert helper.score_grid(PatchGrid.for_size(1224, 1224, 508))[1] == 2  # starts 0, 358, 716
-    assert helper.score_grid(PatchGrid.for_size(360, 420, 128))[1] == 1  # start 77
-    assert helper.score_grid(PatchGrid.for_size(250, 250, 126))[1] == 1  # patch not /4
+    assert inference.score_grid(PatchGrid.for_size(2448, 2448, 508))[1] == 4
+    assert inference.score_grid(PatchGrid.for_size(1224, 1224, 508))[1] == 2  # starts 0, 358, 716
+    assert inference.score_grid(PatchGrid.for_size(360, 420, 128))[1] == 1  # start 77
+    assert inference.score_grid(PatchGrid.for_size(250, 250, 126))[1] == 1  # patch not /4
 
 
 def test_low_memory_paths_give_the_same_outputs(model):
@@ -324,33 +348,35 @@ def test_low_memory_paths_give_the_same_outputs(model):
     ig = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         glob = model.global_maps(ig)
-        index, patches = next(helper.patch_batches(image, grid, 4))
+        index, patches = next(inference.patch_batches(image, grid, 4))
         plain = global2local(model, patches, glob, grid, index)
-        low = global2local(model, patches, glob, grid, index, low_memory=True)
-        assert torch.allclose(plain[0], low[0], atol=1e-5) and torch.allclose(plain[1], low[1], atol=1e-5)
-        assert torch.allclose(plain[2], low[2], rtol=1e-5)
+        # mode 2 inference: the whole grid is this one sub-batch of 4 patches
+        inputs = inference.Inputs(inference.ImagePixels(image), ig, grid)
+        parts = list(inference.score_global2local(inference.Models(model), inputs, inference.Settings(128, 4)))
+        assert [type(p).__name__ for p in parts] == ["GlobalScores", "PatchScores", "PatchScores"]
+        assert [(p.output, p.index) for p in parts[1:]] == [("local", index), ("aggregated", index)]
+        assert torch.allclose(plain[0], parts[2].logits, atol=1e-5) and torch.allclose(plain[1], parts[1].logits, atol=1e-5)
         # mode 3: merged canvases from per-patch merging == merging the sub-batch maps
         loc = model.local_maps(patches, glob, grid, index)
-        lp = local2global_collect(model, glob, iter([(index, patches)]), grid, coverage_template(grid))
+        context, ps3, outputs, _ = _local_pass(model, glob, iter([(index, patches)]), grid, coverage_template(grid))
     from utils.geometry import merge_all
 
-    for got, maps in zip(lp.context.context(), loc.context()):
+    for got, maps in zip(context.context(), loc.context()):
         want = merge_all(maps, grid, got.shape[-2:], coverage_template(grid))
         assert torch.allclose(got, want, atol=1e-5)
-    assert torch.allclose(lp.ps3, loc.ps3, atol=1e-5) and torch.allclose(lp.outputs, loc.output, atol=1e-5)
+    assert torch.allclose(ps3, loc.ps3, atol=1e-5) and torch.allclose(outputs, loc.output, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [2, 3])
-def test_backbone_patch_by_patch_gives_the_same_scores(model, mode, monkeypatch):
+def test_backbone_patch_by_patch_gives_the_same_scores(model, mode):
     """On the CPU inference runs the local ResNet one patch at a time (and the mode-3
     ensemble one patch at a time); the scores must be those of whole sub-batches."""
-    assert helper.backbone_batch(torch.device("cpu")) == 1
-    assert helper.backbone_batch(torch.device("cuda")) is None
+    assert inference.backbone_batch(torch.device("cpu")) == 1
+    assert inference.backbone_batch(torch.device("cuda")) is None
     frozen = GLNet(7, local=False, context=False).eval() if mode == 3 else None
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    one = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
-    monkeypatch.setattr(helper, "backbone_batch", lambda device: None)
-    whole = helper.predict_scores(model, helper.STAGES[mode], image, ig, 128, 4, frozen)
+    one = _scores(model, mode, image, ig, 128, 4, frozen, backbone_batch=1)
+    whole = _scores(model, mode, image, ig, 128, 4, frozen, backbone_batch=None)
     for name in ("global_", "local", "aggregated"):
         a, b = getattr(one, name), getattr(whole, name)
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
@@ -364,11 +390,11 @@ def test_channels_last_models_give_the_same_scores(model):
 
     frozen = GLNet(7, local=False, context=False).eval()
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    ref = helper.predict_scores(model, helper.STAGES[3], image, ig, 128, 4, frozen)
+    ref = _scores(model, 3, image, ig, 128, 4, frozen)
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fnhwc = copy.deepcopy(frozen).to(memory_format=torch.channels_last)
     assert nhwc.fpn_local.smooth.weight.is_contiguous(memory_format=torch.channels_last)
-    got = helper.predict_scores(nhwc, helper.STAGES[3], image, ig, 128, 4, fnhwc)
+    got = _scores(nhwc, 3, image, ig, 128, 4, fnhwc)
     for name in ("global_", "local", "aggregated"):
         assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4), name
 
@@ -386,7 +412,7 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
     m = copy.deepcopy(model)
     frozen = GLNet(7, local=False, context=False).eval()
     image, ig = _image(160, 200), torch.rand(1, 3, 64, 64)
-    ref = helper.predict_scores(m, helper.STAGES[3], image, ig, 128, 4, frozen)
+    ref = _scores(m, 3, image, ig, 128, 4, frozen)
     keys = list(m.state_dict())
     torch._dynamo.reset()
     tune_for_device((m, frozen), torch.device("cpu"), compile_=True, compile_backend="eager")
@@ -395,14 +421,14 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
         assert part._compiled_call_impl is not None
     assert m.fpn_local._compiled_call_impl is None
     assert m.fpn_local.smooth.weight.is_contiguous()  # CPU: no layout change
-    got = helper.predict_scores(m, helper.STAGES[3], image, ig, 128, 4, frozen)
+    got = _scores(m, 3, image, ig, 128, 4, frozen)
     for name in ("global_", "local", "aggregated"):
         assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6), name
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled > 0
     # a wider image: 8 patches instead of 4, new patch indices, the same shapes
     assert len(PatchGrid.for_size(160, 300, 128)) == 8
-    helper.predict_scores(m, helper.STAGES[3], _image(160, 300), torch.rand(1, 3, 64, 64), 128, 4, frozen)
+    _scores(m, 3, _image(160, 300), torch.rand(1, 3, 64, 64), 128, 4, frozen)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
 
@@ -410,9 +436,10 @@ def test_compile_flag_compiles_in_place_and_keeps_keys(model):
 def test_bf16_autocast_runs_and_mostly_agrees(model):
     frozen = GLNet(7).eval()
     image, ig = _image(160, 160), torch.rand(1, 3, 64, 64)
-    ref = helper.predict(model, helper.STAGES[3], image, ig, 128, 4, frozen)
+    models, settings = inference.Models(model, frozen), inference.Settings(128, 4, 1)
+    ref = inference.predict(helper.STAGES[3], models, inference.ImagePixels(image), ig, settings)
     with helper.autocast(torch.device("cpu"), "bf16"):
-        low = helper.predict(model, helper.STAGES[3], image, ig, 128, 4, frozen)
+        low = inference.predict(helper.STAGES[3], models, inference.ImagePixels(image), ig, settings)
     for name in ("global", "local", "aggregated"):
         assert low[name].shape == ref[name].shape
         # random weights give near-ties, so not all pixels agree; most must

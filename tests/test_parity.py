@@ -54,7 +54,9 @@ from PIL import Image
 if __name__ == "__main__":  # run as a script: the project and tests/ on the path
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import engine
 import helper
+import inference
 import utils.geometry
 from dataset.deep_globe import image_views, label_views
 from kernel_fingerprint import fingerprint
@@ -118,6 +120,16 @@ def batch_of(samples):
     return out
 
 
+def settings(ref, tta: bool = False) -> inference.Settings:
+    return inference.Settings.for_device(torch.device("cpu"), ref["size_p"], ref["sub_batch"], tta=tta)
+
+
+def scores_of(stage, eval_models, image, image_global, ref) -> inference.Scores:
+    """The stage's whole-image scores of one image (3, H, W) uint8 and its global view (1, 3, g, g)."""
+    inputs = inference.Inputs.of(inference.ImagePixels(image), image_global, ref["size_p"])
+    return inference.whole_scores(stage, inference.Models(*eval_models), inputs, settings(ref))
+
+
 # ----------------------------------------------------------------------------- comparisons
 # Each check returns what differs (an empty list: the same) and records its largest measure
 # in `worst`, so that the tests, the calibration and the real-change test share them.
@@ -152,11 +164,11 @@ def near_ties(scores: torch.Tensor, rel: float) -> torch.Tensor:
     return (top2[0] - top2[1]) <= 2 * rel * scores.abs().max()
 
 
-def pixel_scores(s: helper.Scores, name: str, size) -> torch.Tensor:
-    """An output's scores at full resolution, as `helper.predict` turns them into class maps."""
+def pixel_scores(s: inference.Scores, name: str, size) -> torch.Tensor:
+    """An output's scores at full resolution, as `inference.predict` turns them into class maps."""
     if name == "global":
-        return helper.upsample_global(s.global_, size)
-    return helper.upsample_canvas(getattr(s, name), s.stride)
+        return inference.upsample_global(s.global_, size)
+    return inference.upsample_canvas(getattr(s, name), s.stride)
 
 
 def check_scores(ref, eval_models, mode, bitwise, worst, images=(0, 1, 2)) -> list[str]:
@@ -164,7 +176,7 @@ def check_scores(ref, eval_models, mode, bitwise, worst, images=(0, 1, 2)) -> li
     bad = []
     for i in images:
         s = ref["eval_samples"][i]
-        got = helper.predict_scores(model, helper.STAGES[mode], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen)
+        got = scores_of(helper.STAGES[mode], eval_models, s["image"], s["image_global"][None], ref)
         exp = ref["scores"][(mode, i)]
         if got.stride != exp["stride"]:
             bad.append(f"mode {mode} image {i}: stride {got.stride}, expected {exp['stride']}")
@@ -175,16 +187,15 @@ def check_scores(ref, eval_models, mode, bitwise, worst, images=(0, 1, 2)) -> li
     return bad
 
 
-def _tta_scores(model, stage, s, ref, frozen) -> dict[str, torch.Tensor]:
-    """The summed scores behind `helper.predict(..., tta=True)`'s class maps (for the near ties)."""
+def _tta_scores(eval_models, stage, s, ref) -> dict[str, torch.Tensor]:
+    """The summed scores behind `inference.predict` with TTA's class maps (for the near ties)."""
     total = {}
     for flip in (False, True):
         for k in range(4):
-            view = helper.dihedral(s["image"], k, flip)
-            got = helper.predict_scores(model, stage, view, helper.dihedral(s["image_global"][None], k, flip),
-                                        ref["size_p"], ref["sub_batch"], frozen)
+            view = inference.dihedral(s["image"], k, flip)
+            got = scores_of(stage, eval_models, view, inference.dihedral(s["image_global"][None], k, flip), ref)
             for name in stage.outputs:
-                v = helper.undo_dihedral(pixel_scores(got, name, view.shape[-2:]), k, flip)
+                v = inference.undo_dihedral(pixel_scores(got, name, view.shape[-2:]), k, flip)
                 total[name] = v if name not in total else total[name] + v
     return total
 
@@ -192,11 +203,12 @@ def _tta_scores(model, stage, s, ref, frozen) -> dict[str, torch.Tensor]:
 def check_tta(ref, eval_models, bitwise, worst) -> list[str]:
     model, frozen = eval_models
     s = ref["eval_samples"][0]
-    got = helper.predict(model, helper.STAGES[3], s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen, tta=True)
+    got = inference.predict(helper.STAGES[3], inference.Models(model, frozen), inference.ImagePixels(s["image"]),
+                            s["image_global"][None], settings(ref, tta=True))
     if got.keys() != ref["tta_mode3_image0"].keys():
         return [f"TTA outputs {sorted(got)}, expected {sorted(ref['tta_mode3_image0'])}"]
     if not bitwise:
-        totals = _tta_scores(model, helper.STAGES[3], s, ref, frozen)
+        totals = _tta_scores(eval_models, helper.STAGES[3], s, ref)
     bad = []
     for name, exp in ref["tta_mode3_image0"].items():
         assert got[name].max() < 7  # the fixture stores the class maps as uint8
@@ -214,14 +226,14 @@ def check_confusion(ref, eval_models, mode, bitwise, worst) -> list[str]:
     stage, samples = helper.STAGES[mode], ref["eval_samples"]
     loader = [batch_of(samples[:2]), batch_of(samples[2:])]
     cfg = helper.Config(stage, torch.device("cpu"), 7, ref["size_p"], ref["sub_batch"], progress=False)
-    cms, _ = helper.evaluate(model, loader, cfg, frozen)
+    cms, _ = engine.evaluate(model, loader, cfg, frozen)
     exp = ref["confusion"][mode]
     if cms.keys() != exp.keys():
         return [f"mode {mode}: outputs {sorted(cms)}, expected {sorted(exp)}"]
     ties = dict.fromkeys(exp, 0)
     if not bitwise:  # a pixel whose top two scores tie within rounding may move between two cells
         for s in samples:
-            got = helper.predict_scores(model, stage, s["image"], s["image_global"][None], ref["size_p"], ref["sub_batch"], frozen)
+            got = scores_of(stage, eval_models, s["image"], s["image_global"][None], ref)
             h, w = s["size"]
             for name in exp:
                 ties[name] += int(near_ties(pixel_scores(got, name, s["image"].shape[-2:]), SCORE_REL)[..., :h, :w].sum())
@@ -253,7 +265,7 @@ def training_run(ref, mode):
     step = helper.TrainStep(model, cfg, frozen if stage.frozen_from else None)
     losses = []
     train, train2 = ref["train_samples"]
-    helper.train_one_epoch(step, [batch_of(train), batch_of(train2)], opt, 0,
+    engine.train_one_epoch(step, [batch_of(train), batch_of(train2)], opt, 0,
                            on_iteration=lambda i, lr, loss: losses.append(loss))
     return losses, grads
 

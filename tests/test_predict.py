@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import helper
-import tiled
+import inference
 from dataset.classes import class_table
 from models import GLNet
 from utils.checkpoint import save_state_dict
@@ -89,9 +89,21 @@ def _whole_image_prediction(model, stage, frozen, path, size_g, size_p, sub_batc
     with Image.open(path) as im:
         v = image_views(im, size_g, size_p)
     h, w = v["size"]
-    with torch.no_grad():
-        pred = helper.predict(model, stage, v["image"], v["image_global"][None], size_p, sub_batch, frozen)
+    settings = inference.Settings(size_p, sub_batch, 1)
+    pred = inference.predict(stage, inference.Models(model, frozen), inference.ImagePixels(v["image"]),
+                             v["image_global"][None], settings)
     return pred[stage.main_output][:h, :w].numpy()
+
+
+def _source_strips(model, stage, src, size_p, sub_batch, frozen=None, confidence=False, spill_dir=None):
+    """predict.py's strips of the main output of an ImageSource, as numpy (classes, confidence)."""
+    settings = inference.Settings(size_p, sub_batch, 1, confidence=confidence, spill_dir=spill_dir)
+    pixels = inference.SourcePixels(src, size_p, torch.device("cpu"))
+    for strip in inference.predict_strips(stage, inference.Models(model, frozen), pixels, src.image_global[None],
+                                          (src.height, src.width), settings, (stage.main_output,)):
+        assert strip.output == stage.main_output
+        conf = None if strip.confidence is None else strip.confidence.numpy()
+        yield strip.top, strip.classes.to(torch.uint8).numpy(), conf
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3])
@@ -108,13 +120,12 @@ def test_strips_equal_whole_image_argmax(mode, tmp_path):
         expected = _whole_image_prediction(model, stage, frozen, path, 64, size_p, 3)
         got = np.full((h, w), 255, dtype=np.uint8)
         next_row = 0
-        opts = tiled.Options(64, size_p, 3, confidence=True, progress=False)
         with PILSource(str(path), 64, size_p, None) as src:
-            for strip in tiled.predict_strips(model, stage, src, opts, torch.device("cpu"), frozen):
-                assert strip.top == next_row and strip.classes.shape[1] == w
-                assert strip.confidence.shape == strip.classes.shape
-                next_row += strip.classes.shape[0]
-                got[strip.top : next_row] = strip.classes
+            for top, classes, conf in _source_strips(model, stage, src, size_p, 3, frozen, True, str(tmp_path)):
+                assert top == next_row and classes.shape[1] == w
+                assert conf.shape == classes.shape
+                next_row += classes.shape[0]
+                got[top:next_row] = classes
         assert next_row == h
         np.testing.assert_array_equal(got, expected)
 
@@ -134,9 +145,8 @@ def test_rows_leave_before_the_image_is_read(tmp_path):
             return real_read(top, left, h, w)
 
         src.read = read
-        for strip in tiled.predict_strips(model, helper.STAGES[2], src, tiled.Options(128, 128, 2, progress=False),
-                                          torch.device("cpu")):
-            events.append(("strip", strip.top, strip.top + strip.classes.shape[0]))
+        for top, classes, _ in _source_strips(model, helper.STAGES[2], src, 128, 2):
+            events.append(("strip", top, top + classes.shape[0]))
     reads = [e[1] for e in events if e[0] == "read"]
     strips = [e[1:] for e in events if e[0] == "strip"]
     assert reads == [0, 67, 135, 202, 270, 337, 405, 472]  # each row of patches read once, in order
@@ -158,17 +168,17 @@ def test_confidence_is_the_probability_of_the_mean_logits(tmp_path):
     with Image.open(path) as im:
         v = image_views(im, 64, 128)
     stage = helper.STAGES[2]
-    s = helper.predict_scores(model, stage, v["image"], v["image_global"][None], 128, 3)
+    inputs = inference.Inputs.of(inference.ImagePixels(v["image"]), v["image_global"][None], 128)
+    s = inference.whole_scores(stage, inference.Models(model), inputs, inference.Settings(128, 3, 1))
     count = coverage_template(PatchGrid.for_size(170, 150, 128))[0, 0]  # starts 0, 42 and 0, 22
     assert count.max() == 4
-    mean = helper.upsample_canvas(s.aggregated, s.stride) / count
+    mean = inference.upsample_canvas(s.aggregated, s.stride) / count
     expected = torch.softmax(mean, 0).amax(0).mul(255).round().to(torch.uint8).numpy()
     assert len(np.unique(expected)) > 5  # probabilities that vary: the comparison says something
     got = np.zeros((170, 150), dtype=np.uint8)
     with PILSource(str(path), 64, 128, None) as src:
-        for strip in tiled.predict_strips(model, stage, src, tiled.Options(64, 128, 3, confidence=True, progress=False),
-                                          torch.device("cpu")):
-            got[strip.top : strip.top + len(strip.confidence)] = strip.confidence
+        for top, _, conf in _source_strips(model, stage, src, 128, 3, confidence=True):
+            got[top : top + len(conf)] = conf
     np.testing.assert_array_equal(got, expected)
 
 

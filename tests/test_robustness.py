@@ -42,7 +42,7 @@ TASK = "g"
 HOOKS = r'''
 import io, os, signal, sys, time
 import torch
-import helper, train_deep_globe
+import engine, helper, train_deep_globe
 import utils.checkpoint as ck
 
 hook, marker = os.environ["ROBUSTNESS_HOOK"], os.environ.get("ROBUSTNESS_MARKER")
@@ -86,12 +86,12 @@ elif hook == "wait_in_first_step":
         return out
     helper.TrainStep.forward = wrapped
 elif hook == "wait_in_validation":
-    evaluate = helper.evaluate
+    evaluate = engine.evaluate
     def wrapped(*a, **k):
         reached()
         wait_for_signal()
         return evaluate(*a, **k)
-    helper.evaluate = wrapped
+    engine.evaluate = wrapped
 sys.exit(train_deep_globe.cli(sys.argv[1:]))
 '''
 
@@ -316,6 +316,7 @@ def test_non_finite_loss_message_names_the_loss_parts(mode, monkeypatch):
     """Only the ensemble's loss turns NaN: the message says which part, and no step is taken.
     One 128 px image with 128 px patches: the first focal loss is the local (mode 2) or
     global (mode 3) one, the next the ensemble's."""
+    import engine
     import helper
     from models import GLNet
 
@@ -336,9 +337,9 @@ def test_non_finite_loss_message_names_the_loss_parts(mode, monkeypatch):
              "image_global": torch.rand(1, 3, 64, 64, generator=g),
              "label": [torch.randint(0, 7, (128, 128), dtype=torch.uint8, generator=g)],
              "label_global": torch.randint(0, 7, (1, 16, 16), generator=g)}
-    with pytest.raises(helper.NonFiniteLoss) as e:
+    with pytest.raises(engine.NonFiniteLoss) as e:
         cfg = helper.Config(stage, torch.device("cpu"), 7, 128, 2, num_epochs=1, lr=1e-3, progress=False)
-        helper.train_one_epoch(helper.TrainStep(model, cfg, frozen), [batch], optimizer, 0)
+        engine.train_one_epoch(helper.TrainStep(model, cfg, frozen), [batch], optimizer, 0)
     msg = str(e.value)
     assert msg.startswith("non-finite loss nan at epoch 1, iteration 1 of 1 ("), msg
     assert "focal_aggregated nan" in msg
@@ -406,10 +407,10 @@ def _umask():
 
 
 def test_prediction_write_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
-    import helper
+    import engine
 
     path = tmp_path / "1_mask.png"
-    helper.save_prediction(torch.zeros(8, 8, dtype=torch.int64), str(path))
+    engine.save_prediction(torch.zeros(8, 8, dtype=torch.int64), str(path))
     real_save = Image.Image.save
 
     def failing_save(self, fp, *a, **k):
@@ -422,7 +423,7 @@ def test_prediction_write_failing_midway_keeps_the_old_file(tmp_path, monkeypatc
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
     with pytest.raises(OSError):
-        helper.save_prediction(torch.ones(8, 8, dtype=torch.int64), str(path))
+        engine.save_prediction(torch.ones(8, 8, dtype=torch.int64), str(path))
     monkeypatch.setattr(Image.Image, "save", real_save)
     with Image.open(path) as im:
         assert im.size == (8, 8) and np.asarray(im.convert("RGB")).max() == 0

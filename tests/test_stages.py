@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import engine
 import helper
 from models import GLNet
 
@@ -55,18 +56,18 @@ def test_mode3_training_keeps_per_patch_maps_of_one_image_only(glnet, monkeypatc
     cost of mode 3; a batch of three images keeps it for one image at a time, unless
     --keep_patch_maps asks for more (then nothing runs twice)."""
     kept, again = [], []
-    real_collect, real_again = helper.local2global_collect, helper._ps3_again
+    real_pass, real_again = helper._local_pass, helper._ps3_again
 
-    def collect(*a, **k):
-        lp = real_collect(*a, **k)
-        kept.append(lp.ps3 is not None)
-        return lp
+    def local_pass(*a, **k):
+        context, outputs, ps3 = real_pass(*a, **k)
+        kept.append(ps3 is not None)
+        return context, outputs, ps3
 
     def recompute(*a, **k):
         again.append(1)
         return real_again(*a, **k)
 
-    monkeypatch.setattr(helper, "local2global_collect", collect)
+    monkeypatch.setattr(helper, "_local_pass", local_pass)
     monkeypatch.setattr(helper, "_ps3_again", recompute)
     frozen = GLNet(7, local=False, context=False).eval()
     helper.configure_stage(glnet, helper.STAGES[3])
@@ -108,7 +109,7 @@ def _step_grads(model, mode, frozen, batch, scaler=None, wrap=None):
     """The gradients of one batch through the stage's TrainStep (wrapped by `wrap`)."""
     step = helper.TrainStep(model, _cfg(mode), frozen, scaler).train()
     model.eval()  # BatchNorm in eval: every run sees the same statistics
-    helper.accumulate(step, batch, step.cfg.confusion_matrices(), wrap(step) if wrap else None)
+    engine.accumulate(step, batch, step.cfg.confusion_matrices(), wrap(step) if wrap else None)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 

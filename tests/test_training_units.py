@@ -4,6 +4,7 @@ Focal loss, poly schedule, confusion matrix / mIoU, test-time augmentation, stag
 the DeepGlobe loader (mixed sizes, padding, user errors) and one mode-2 epoch on a tiny model.
 CPU only; the one model run uses 64 px inputs.
 """
+import functools
 import math
 
 import numpy as np
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import engine
 import helper
+import inference
 from dataset.deep_globe import DeepGlobe, collate
 from dataset.synthetic import generate
 from utils.errors import UserError
@@ -168,11 +171,11 @@ def _global_scores(image_global, weight):
     return torch.einsum("ck,bkhw->bchw", weight, F.avg_pool2d(image_global, 4) - 0.5)
 
 
-def _equivariant_fn(model, stage, image, image_global, size_p, sub_batch, frozen):
+def _equivariant_fn(mode, image, image_global):
     g = _global_scores(image_global, W_GLOBAL)
-    if stage.mode == 1:
-        return helper.Scores(g, None, None)
-    return helper.Scores(g, _colour_scores(image, W_LOCAL), _colour_scores(image, W_AGG))
+    if mode == 1:
+        return inference.Scores(g, None, None)
+    return inference.Scores(g, _colour_scores(image, W_LOCAL), _colour_scores(image, W_AGG))
 
 
 def _shifted_fn(*args):
@@ -180,7 +183,15 @@ def _shifted_fn(*args):
     view it was computed on. Undone, each of the 8 views is shifted in its own direction."""
     s = _equivariant_fn(*args)
     roll = lambda x: None if x is None else torch.roll(x, 1, dims=-1)  # noqa: E731
-    return helper.Scores(roll(s.global_), roll(s.local), roll(s.aggregated))
+    return inference.Scores(roll(s.global_), roll(s.local), roll(s.aggregated))
+
+
+def _predict(score, image, image_global, tta):
+    """Class maps from a scoring of the whole image (image, global image) -> Scores, as
+    inference.predict makes them: through the TTA wrapper or not."""
+    if tta:
+        return inference.tta_class_maps(score, image, image_global)
+    return inference.class_maps(score(image, image_global), image.shape[-2:])
 
 
 def _blocks(x):
@@ -205,7 +216,7 @@ def tta_input():
 @pytest.mark.parametrize("tta", [False, True])
 def test_predict_equivariant_predictor_same_with_and_without_tta(tta_input, mode, tta):
     image, image_global = tta_input
-    out = helper.predict(None, helper.STAGES[mode], image, image_global, 64, 2, tta=tta, predict_fn=_equivariant_fn)
+    out = _predict(functools.partial(_equivariant_fn, mode), image, image_global, tta)
     assert set(out) == set(helper.STAGES[mode].outputs)
     # Expected, computed without helper: argmax per pixel; global argmax at 8 x 8 in blocks.
     expected_global = _blocks(_global_scores(image_global, W_GLOBAL)[0].argmax(0))
@@ -232,7 +243,7 @@ def test_predict_tta_undoes_each_view(tta_input, monkeypatch):
     }
     # The expectation is not just the plain prediction (else a no-op TTA would pass).
     assert not torch.equal(expected["local"], local.argmax(0))
-    out = helper.predict(None, helper.STAGES[2], image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
+    out = _predict(functools.partial(_shifted_fn, 2), image, image_global, tta=True)
     for name in ("global", "local", "aggregated"):
         assert torch.equal(out[name], expected[name]), name
 
@@ -241,14 +252,14 @@ def test_predict_tta_undoes_each_view(tta_input, monkeypatch):
         x = torch.rot90(x, k, dims=(-2, -1))
         return x.flip(-1) if flip else x
 
-    monkeypatch.setattr(helper, "undo_dihedral", wrong_undo)
-    bad = helper.predict(None, helper.STAGES[2], image, image_global, 64, 2, tta=True, predict_fn=_shifted_fn)
+    monkeypatch.setattr(inference, "undo_dihedral", wrong_undo)
+    bad = _predict(functools.partial(_shifted_fn, 2), image, image_global, tta=True)
     assert not torch.equal(bad["local"], expected["local"])
 
 
 def test_dihedral_views_are_the_8_distinct_ones_and_undo_inverts_them():
     square = torch.arange(16).reshape(1, 4, 4)
-    views = [helper.dihedral(square, k, flip) for flip in (False, True) for k in range(4)]
+    views = [inference.dihedral(square, k, flip) for flip in (False, True) for k in range(4)]
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8
     # The dihedral group of a square: every view is a rotation of the original or of its mirror.
     group = {
@@ -259,9 +270,9 @@ def test_dihedral_views_are_the_8_distinct_ones_and_undo_inverts_them():
     rect = torch.arange(2 * 3 * 5).reshape(2, 3, 5)
     for flip in (False, True):
         for k in range(4):
-            view = helper.dihedral(rect, k, flip)
+            view = inference.dihedral(rect, k, flip)
             assert view.shape == ((2, 5, 3) if k % 2 else (2, 3, 5))
-            assert torch.equal(helper.undo_dihedral(view, k, flip), rect), (k, flip)
+            assert torch.equal(inference.undo_dihedral(view, k, flip), rect), (k, flip)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -355,7 +366,7 @@ def test_train_one_epoch_mode2_on_mixed_batch(mixed_data, glnet):
     }
     calls = []
     cfg = helper.Config(stage, torch.device("cpu"), N_CLASS, 64, 2, num_epochs=1, lr=1e-4, progress=False)
-    stats = helper.train_one_epoch(
+    stats = engine.train_one_epoch(
         helper.TrainStep(model, cfg), loader, optimizer, 0, on_iteration=lambda i, lr, loss: calls.append((i, lr, loss)),
     )
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
