@@ -1,4 +1,4 @@
-"""The GLNet stages (GLNET_SPEC.md sections 5-6): what each --mode does, and its training step.
+"""The GLNet stages (docs/MODEL.md sections 5-6): what each --mode does, and its training step.
 
 mode 1: global branch alone; mode 2 (global2local): local branch trained with the
 frozen global branch; mode 3 (local2global): global branch retrained with the
@@ -57,7 +57,7 @@ class Stage:
     losses: Callable  # (step, micro-batch) -> StepResult: TrainStep.forward
 
     def checkpoints(self, evaluation: bool, resuming: bool = False) -> list[str]:
-        """The --path_* flags whose files a run loads (GLNET_SPEC.md section 1). A resumed
+        """The --path_* flags whose files a run loads (docs/MODEL.md section 1). A resumed
         run takes the trained model from its resume file."""
         if evaluation:
             own = [self.eval_from]

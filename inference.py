@@ -1,4 +1,4 @@
-"""Inference of every stage, written once (GLNET_SPEC.md sections 4, 5 and 7): evaluation
+"""Inference of every stage, written once (docs/MODEL.md sections 4, 5 and 7): evaluation
 (`engine.evaluate`) and predict.py call the same code.
 
 - A stage's scoring function (its row of `helper.STAGES` names it: `score_global`,

@@ -183,7 +183,7 @@ def build(args, device):
 
 def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int, view: str) -> None:
     """A patch must cover at least one cell of the global branch's coarsest map (1/32 of
-    the global view), or its crop of the global maps is empty (GLNET_SPEC section 4)."""
+    the global view), or its crop of the global maps is empty (docs/MODEL.md section 4)."""
     from dataset.deep_globe import global_size
 
     padded = (max(height, size_p), max(width, size_p))

@@ -1,5 +1,5 @@
 """Class tables: names, colours, the raw mask values of each class, the ignored values and the
-classes of the reported mIoU (GLNET_SPEC.md section 7). `DEEPGLOBE`, `INRIA` and `ISIC` are
+classes of the reported mIoU (docs/MODEL.md section 7). `DEEPGLOBE`, `INRIA` and `ISIC` are
 the presets' tables; `class_table(n_class)` gives the table a run with only --n_class uses;
 `load_class_table(path)` reads a user's table from JSON or CSV (README "Your own data").
 numpy only (no torch), so the data tools stay light.

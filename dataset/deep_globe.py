@@ -1,4 +1,4 @@
-"""The GLNet folder layout (GLNET_SPEC.md sections 6 and 8), DeepGlobe's and any other data set's.
+"""The GLNet folder layout (docs/MODEL.md sections 6 and 8), DeepGlobe's and any other data set's.
 
     data_path/<split>/Sat/<id>_sat.<ext>   RGB image, ext one of .jpg .jpeg .png .tif .tiff
                                            (DeepGlobe: .jpg); one file per id

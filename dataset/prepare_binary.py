@@ -1,7 +1,7 @@
 """What the preparers of the two-class data sets (Inria Aerial, ISIC 2018) share.
 
 Both downloads come as an RGB image and a single-band 0/255 mask per id; the training layout
-(GLNET_SPEC.md section 8, as for DeepGlobe) is
+(docs/MODEL.md section 8, as for DeepGlobe) is
 
     OUT/<split>/Sat/<id>_sat.<ext>    a hard link to the raw image (a byte copy across file systems)
     OUT/<split>/Label/<id>_mask.png   8-bit 'L' PNG, 0 = background, 1 = the object class

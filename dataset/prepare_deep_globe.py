@@ -1,4 +1,4 @@
-"""Turn the raw DeepGlobe land-cover download into the training layout (GLNET_SPEC.md section 8).
+"""Turn the raw DeepGlobe land-cover download into the training layout (docs/MODEL.md section 8).
 
     python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT
 

@@ -1,5 +1,5 @@
 """Dataset presets: what `--dataset NAME` sets when a flag is not given (README "Your own
-data"). `deepglobe` (the default) is exactly the original's settings (GLNET_SPEC.md section
+data"). `deepglobe` (the default) is exactly the original's settings (docs/MODEL.md section
 6); its per-mode epochs, learning rates and task names are helper.STAGES' own.
 
 `add_dataset_args(parser)` adds --dataset and --classes to a parser; `classes_from_args(args)`

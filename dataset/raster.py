@@ -6,7 +6,7 @@ Two readers, one interface (`open_image`):
 - rasterio (TIFF and GeoTIFF) reads windows of the file, so the image is never held whole
   above `FAITHFUL_MAX_PIXELS`; it also gives the georeference that the GeoTIFF output keeps.
 
-The global view is the one evaluation uses (GLNET_SPEC section 6: the image padded to at
+The global view is the one evaluation uses (docs/MODEL.md section 6: the image padded to at
 least one patch, PIL bilinear resize to size_g x size_g or, with --global_view aspect, to
 the long side size_g; / 255) for every image up to
 FAITHFUL_MAX_PIXELS. Above it (rasterio only), it comes from a decimated read (GDAL

@@ -1,4 +1,4 @@
-"""Seeded generator of small DeepGlobe-format land-cover data sets (GLNET_SPEC.md section 8).
+"""Seeded generator of small DeepGlobe-format land-cover data sets (docs/MODEL.md section 8).
 
 Every image is built so that a global-only and a local-only model each miss something, the
 situation GLNet was designed for:

@@ -1,5 +1,5 @@
 """The models of a run, built and loaded as its stage says (a row of helper.STAGES, passed in;
-GLNET_SPEC.md section 1): which checkpoint feeds which part, what starts from
+docs/MODEL.md section 1): which checkpoint feeds which part, what starts from
 --backbone_weights, and the frozen global model of mode 3. Checkpoint names (--path_*) are
 joined to --model_path. `stages` (all the rows) only names, in an error, the mode whose
 training writes a missing or wrong checkpoint.

@@ -1,4 +1,4 @@
-"""GLNet: collaborative global-local FPNs (GLNET_SPEC.md sections 1-5).
+"""GLNet: collaborative global-local FPNs (docs/MODEL.md sections 1-5).
 
 The module only holds parameters; all per-image state (global features, merged
 local maps) travels through the `Maps` container that the functions below take
@@ -117,7 +117,7 @@ _LATERAL = ("toplayer", "latlayer1", "latlayer2", "latlayer3")  # p5, p4, p3, p2
 
 
 class _FPNBase(nn.Module):
-    """The FPN of GLNET_SPEC.md sections 2-3, shared by both branches; `fold` = 2 doubles
+    """The FPN of docs/MODEL.md sections 2-3, shared by both branches; `fold` = 2 doubles
     the input channels where the other branch's maps are concatenated."""
 
     def _make_layers(self, n_class: int, fold: int, suffix: str, with_classify: bool) -> None:
@@ -137,7 +137,7 @@ class _FPNBase(nn.Module):
             self.classify = _conv(512, n_class, 3)
 
     def _init_weights(self) -> None:
-        # GLNET_SPEC.md section 1: FPN convs N(0, 0.01), bias 0. (Nothing to do on the
+        # docs/MODEL.md section 1: FPN convs N(0, 0.01), bias 0. (Nothing to do on the
         # meta device, where evaluation builds models that a checkpoint then fills.)
         for m in self.children():
             if m.weight.is_meta:

@@ -2,7 +2,7 @@
 
 The parameter names are torchvision's (conv1, bn1, layer1..layer4, each block with
 conv1..conv3, bn1..bn3 and downsample.0/.1), which are also the names inside the
-authors' checkpoints and in torchvision's ImageNet weights (GLNET_SPEC.md section 1):
+authors' checkpoints and in torchvision's ImageNet weights (docs/MODEL.md section 1):
 the stride of a stage sits on the 3x3 conv of its first block. The classes are our
 own so that inference does not import torchvision (about 190 MB of resident memory
 and half a second of start-up); torchvision is imported only to fetch ImageNet

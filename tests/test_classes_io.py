@@ -203,7 +203,7 @@ def test_atomic_copy_links_or_copies(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- class tables
 
-# GLNET_SPEC.md section 7
+# docs/MODEL.md section 7
 SPEC_COLOURS = {
     "unknown": (0, 0, 0), "urban": (0, 255, 255), "agriculture": (255, 255, 0), "rangeland": (255, 0, 255),
     "forest": (0, 255, 0), "water": (0, 0, 255), "barren": (255, 255, 255),

@@ -1,4 +1,4 @@
-"""End to end on a tiny synthetic data set (CONVENTIONS.md point 9): mode 1 training, mode 2
+"""End to end on a tiny synthetic data set: mode 1 training, mode 2
 from its checkpoint, mode 3 from both, evaluation of mode 3 and a TTA test-split prediction,
 all through `train_deep_globe.cli` in this process (`--help` in a subprocess), on the CPU with
 random-init backbones, 64 px global images and 128 px patches.
@@ -19,7 +19,7 @@ from conftest import load_state
 from dataset.classes import DEEPGLOBE
 
 REPO = Path(__file__).resolve().parents[1]
-N_KEYS = 718  # entries of the authors' state dict (GLNET_SPEC.md section 1, reference key list)
+N_KEYS = 718  # entries of the authors' state dict (docs/MODEL.md section 1, reference key list)
 KEYS_TSV = REPO / "tests" / "data" / "glnet_state_dict_keys.tsv"  # key, shape (AxB or ()), dtype
 GLOBAL_PARTS = ("resnet_global", "fpn_global")
 LOCAL_PARTS = ("resnet_local", "fpn_local")
@@ -207,7 +207,7 @@ def test_help_lists_every_flag():
     flags = set(re.findall(r"(--[a-z_0-9]+)", proc.stdout))
     assert set(original) <= flags, set(original) - flags
     assert set(new) <= flags, set(new) - flags
-    # Every default is visible (CONVENTIONS.md point 4), e.g. the original's 508 px and lamb 0.15.
+    # Every default is visible in --help, e.g. the original's 508 px and lamb 0.15.
     assert "default: 508" in proc.stdout and "default: 0.15" in proc.stdout
     # ... and none is shown as "None" (mode-dependent ones say what they are in words)
     assert "default: None" not in proc.stdout and "default: 120 for modes 1 and 3" in proc.stdout

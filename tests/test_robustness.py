@@ -1,4 +1,4 @@
-"""Never lose a run, never crash on bad input (issue 6; CONVENTIONS.md points 7 and 8).
+"""Never lose a run, never crash on bad input (issue 6: atomic checkpoints, resume, one-line errors).
 
 * Resume: 2 epochs straight (--num_workers 0) equal, bit for bit, 1 epoch + kill -9 in the middle
   of epoch 2's checkpoint write + --resume interrupted by SIGINT + the printed resume command

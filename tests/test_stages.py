@@ -1,5 +1,5 @@
 """helper.STAGES and the training step built on it: the checkpoints each run loads
-(GLNET_SPEC.md section 1), mode-3 training keeping per-patch maps for one image only, and
+(docs/MODEL.md section 1), mode-3 training keeping per-patch maps for one image only, and
 the step under DistributedDataParallel (one process, gloo, CPU)."""
 import copy
 import dataclasses
@@ -12,7 +12,7 @@ import engine
 import helper
 from models import GLNet
 
-# GLNET_SPEC.md section 1, "What each run loads": (mode, evaluation) -> flags, trained/evaluated
+# docs/MODEL.md section 1, "What each run loads": (mode, evaluation) -> flags, trained/evaluated
 # model first, then the frozen global model.
 SPEC_LOADS = {
     (1, False): [], (1, True): ["path_g"],

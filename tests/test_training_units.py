@@ -1,4 +1,4 @@
-"""Units of training and evaluation (GLNET_SPEC.md sections 5-8), against hand-computed values.
+"""Units of training and evaluation (docs/MODEL.md sections 5-8), against hand-computed values.
 
 Focal loss, poly schedule, confusion matrix / mIoU, test-time augmentation, stage freezing,
 the DeepGlobe loader (mixed sizes, padding, user errors) and one mode-2 epoch on a tiny model.

@@ -1,4 +1,4 @@
-"""Checkpoint I/O in the authors' format (GLNET_SPEC.md section 1).
+"""Checkpoint I/O in the authors' format (docs/MODEL.md section 1).
 
 The released `.pth` files are the state dict of the model wrapped in
 `nn.DataParallel`, so every key starts with `module.`. We read prefixed and

@@ -1,4 +1,4 @@
-"""Patch geometry of GLNet (GLNET_SPEC.md section 4), as pure functions.
+"""Patch geometry of GLNet (docs/MODEL.md section 4), as pure functions.
 
 A full-resolution image of H x W is tiled by square patches of side p that
 overlap; each patch is stored as integer (top, left) pixel positions. Feature

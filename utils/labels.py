@@ -1,5 +1,5 @@
 """The label conventions that the data, the loss and the metrics share: the ignored label value
-and the reported mIoU (GLNET_SPEC.md section 7). Pure Python, so that the data tools, which
+and the reported mIoU (docs/MODEL.md section 7). Pure Python, so that the data tools, which
 import it through the class tables, stay free of torch.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Focal loss of the original (GLNET_SPEC.md section 6)."""
+"""Focal loss of the original (docs/MODEL.md section 6)."""
 import torch
 import torch.nn.functional as F
 

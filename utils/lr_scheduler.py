@@ -1,4 +1,4 @@
-"""Poly learning-rate schedule, stepped every iteration (GLNET_SPEC.md section 6)."""
+"""Poly learning-rate schedule, stepped every iteration (docs/MODEL.md section 6)."""
 import torch
 
 

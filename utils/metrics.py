@@ -1,4 +1,4 @@
-"""Confusion matrix, IoU and the mIoU (GLNET_SPEC.md section 7), accumulated on the device."""
+"""Confusion matrix, IoU and the mIoU (docs/MODEL.md section 7), accumulated on the device."""
 from __future__ import annotations
 
 import math
