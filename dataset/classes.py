@@ -71,6 +71,8 @@ class ClassTable:
     _lut: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Checks every field and fills the derived ones: one straight list of checks of a
+        frozen dataclass, longer than 60 lines because each field has its own."""
         set_ = object.__setattr__  # frozen: fields are set once, here
         names = tuple(str(n) for n in self.names)
         palette = np.asarray(self.colors)

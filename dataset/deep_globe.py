@@ -321,7 +321,8 @@ class DeepGlobe(Dataset):
         global_view: str = "square",
     ) -> None:
         """`classes`: the table masks are decoded with (default `class_table(n_class)`);
-        `global_view`: see `global_size`."""
+        `global_view`: see `global_size`. (Ten parameters: a torch Dataset is built from its
+        options, each a keyword with a default but the folder and the sizes.)"""
         self.root = split_dir(data_path, split)
         if not os.path.isdir(self.root):
             raise UserError(f"data split not found: {self.root}")

@@ -275,7 +275,8 @@ def _share_table(results: Sequence[Result], splits: Sequence[str]) -> List[str]:
 
 def summarize(results, lists, index, missing, mask_missing, unlisted, no_mask_test, overlap,
               stale_removed) -> List[str]:
-    """The report printed at the end of a run, as lines."""
+    """The report printed at the end of a run, as lines: one parameter per finding of the run
+    (the findings are computed apart, each by its own check)."""
     lines = ["", "DeepGlobe preparation summary"]
     for split in lists:
         done = [r for r in results if r.split == split and not r.error]

@@ -140,7 +140,8 @@ def save_epoch(files: RunFiles, args, model, optimizer, epoch: int, score: float
                processes: int = 1) -> float:
     """<task>.pth, .best.pth when `score` beats `best`, then .resume.pth, each atomically.
     The resume file goes last: once it is written, the epoch is done. Returns the new best.
-    `processes`: how many trained the run (torchrun), kept in the resume file."""
+    `processes`: how many trained the run (torchrun), kept in the resume file. (Nine
+    parameters: the resume file holds all of them; a dataclass would only rename them.)"""
     checkpoint.save_state_dict(model, files.last)
     if score > best:
         best = score
