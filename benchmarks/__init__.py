@@ -6,7 +6,6 @@ life (model build and warm-up included); `VmHWM` is the same peak, but it can be
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -232,13 +231,10 @@ def setup_torch(device_name: str | None, threads: int | None):
 
 
 def autocast(device, precision: str):
-    """torch.autocast for bf16/fp16 on the device; a null context for fp32."""
-    import torch
+    """The runs' own autocast (helper.autocast, as --amp) for a benchmark's --precision."""
+    import helper
 
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return helper.autocast(device, None if precision == "fp32" else precision)
 
 
 def synchronize(device) -> None:
