@@ -264,7 +264,8 @@ def score_local2global(models: Models, inputs: Inputs, settings: Settings) -> It
                 local.append(logits)
                 del ps3
             yield PatchScores("local", torch.cat(local), index)
-        del frozen_glob
+        # the last sub-batch's patches and logits would otherwise live through the global branch
+        del patches, local, logits, frozen_glob
         context = canvases.finish(coverage)
         del canvases, coverage
         glob = model.global_maps(inputs.image_global, context, FreeMaps(context=True))
