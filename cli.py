@@ -1,6 +1,6 @@
 """What the command lines share (train_deep_globe.py, predict.py): the help formatter that shows
-every default once, the torch device of --device, and the check that an output folder is
-writable. Entry points import this module, never one another.
+every default once, --mode by a stage's number or name, the torch device of --device, and the
+check that an output folder is writable. Entry points import this module, never one another.
 """
 from __future__ import annotations
 
@@ -20,6 +20,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default:" in text or action.default is None:
             return text
         return super()._get_help_string(action)
+
+
+def stage_mode(text: str) -> int:
+    """argparse type of --mode: a stage's number or name (helper.STAGES) -> its number."""
+    import helper
+
+    try:
+        return helper.stage_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def mode_help() -> str:
+    """--mode's help: the stages by number and name."""
+    import helper
+
+    return "the stage, by number or name: " + ", ".join(f"{m} or {s.name}" for m, s in helper.STAGES.items())
 
 
 def get_device(name: str | None):

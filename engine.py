@@ -32,7 +32,7 @@ from dataset.deep_globe import collate
 from utils.errors import SharedError, UserError
 from utils.io import save_png, write_json
 from utils.lr_scheduler import poly_lr, set_lr
-from utils.metrics import ConfusionMatrix
+from utils.metrics import ChallengeScore, ConfusionMatrix
 from utils import dist
 from utils.dist import SINGLE, Processes
 from utils.run import GracefulStop, Interrupted, RunFiles, RunLog, first_nonfinite, restore_training, save_epoch, worker_init
@@ -216,6 +216,9 @@ def evaluate(
     models = inference.Models(model, frozen)
     settings = inference.Settings.for_device(cfg.device, cfg.size_p, cfg.sub_batch, tta=cfg.tta)
     cms = cfg.confusion_matrices()
+    if cfg.n_class == 2:  # binary tables: the ISIC challenge's score too, image by image
+        for cm in cms.values():
+            cm.challenge = ChallengeScore(cfg.device)
     example = None
     if predictions_dir:
         os.makedirs(predictions_dir, exist_ok=True)
@@ -238,20 +241,25 @@ def _score_image(cfg: helper.Config, models: inference.Models, settings: inferen
                  b: int, cms: dict[str, ConfusionMatrix] | None, keep) -> dict[str, torch.Tensor]:
     """Image `b` of `batch` through `inference.predict_strips`: each strip of rows counted in
     `cms` (if given) against the label's same rows; returns the whole (H, W) uint8 class maps
-    (on the CPU) of the outputs in `keep`."""
+    (on the CPU) of the outputs in `keep`. Matrices that keep a per-image score (the challenge
+    score) get the image's own matrix, added once the image is done."""
     device = cfg.device
     h, w = batch["size"][b]
     pixels = inference.ImagePixels(batch["image"][b].to(device, non_blocking=True))
     image_global = batch["image_global"][b : b + 1].to(device, non_blocking=True)
     label = batch["label"][b][:h, :w].to(device, non_blocking=True) if cms is not None else None
     maps = {name: torch.empty((h, w), dtype=torch.uint8) for name in keep}
+    per_image = {name: ConfusionMatrix(cm.n_class, device, cm.miou_classes) for name, cm in (cms or {}).items()
+                 if cm.challenge is not None}
     with helper.autocast(device, cfg.amp):
         for strip in inference.predict_strips(cfg.stage, models, pixels, image_global, (h, w), settings, cfg.stage.outputs):
             rows = slice(strip.top, strip.top + strip.classes.shape[0])
             if label is not None:
-                cms[strip.output].update(label[rows], strip.classes)
+                per_image.get(strip.output, cms[strip.output]).update(label[rows], strip.classes)
             if strip.output in maps:
                 maps[strip.output][rows] = strip.classes.to("cpu", torch.uint8)
+    for name, image in per_image.items():
+        cms[name].add_image(image)
     return maps
 
 
@@ -267,9 +275,13 @@ def _example(batch, b: int, maps: dict[str, torch.Tensor], with_labels: bool) ->
 
 
 def metrics_dict(cms) -> dict:
-    return {
+    results = {
         name: {"iou": [None if math.isnan(x) else x for x in cm.iou()], "miou": cm.miou()} for name, cm in cms.items()
     }
+    for name, cm in cms.items():  # 2-class tables: the ISIC challenge's score (docs/MODEL.md section 9)
+        if cm.challenge is not None:
+            results[name]["challenge_score"] = cm.challenge.value()
+    return results
 
 
 def format_table(results: dict, classes) -> str:
@@ -283,6 +295,8 @@ def format_table(results: dict, classes) -> str:
         lines.append(f"{c} {class_name:<12}" + cells)
     counted = classes.miou_classes
     lines.append(f"{f'mIoU ({counted[0]}..{counted[-1]})':<14}" + "".join(f"{results[k]['miou']:>12.4f}" for k in names))
+    if all("challenge_score" in results[k] for k in names):
+        lines.append(f"{'challenge':<14}" + "".join(f"{results[k]['challenge_score']:>12.4f}" for k in names))
     return "\n".join(lines)
 
 
@@ -294,6 +308,8 @@ def evaluate_shared(model, ds, args, cfg: helper.Config, frozen, procs: Processe
     cms, example = evaluate(model, SharedBatches(loader, procs, cfg.device, steps), cfg, frozen, **kwargs)
     for cm in cms.values():
         dist.sum_(procs, cm.matrix)
+        if cm.challenge is not None:
+            dist.sum_(procs, cm.challenge.totals)
     return cms, example
 
 

@@ -2,7 +2,9 @@
 
 mode 1: global branch alone; mode 2 (global2local): local branch trained with the
 frozen global branch; mode 3 (local2global): global branch retrained with the
-frozen local branch and a frozen global model for the local branch's context.
+frozen local branch and a frozen global model for the local branch's context;
+mode 4 (local): the paper's "local only" baseline, a ResNet-50 with a plain FPN on
+patches (models.glnet.LocalOnly). `--mode` takes a stage's number or its name.
 
 `STAGES` (at the end of this file) is the one place that says what each mode does:
 what it trains and outputs, its defaults, which checkpoint feeds which part, its
@@ -55,6 +57,7 @@ class Stage:
     scores: Callable  # inference: (Models, Inputs, Settings) -> the image's GlobalScores / PatchScores
     micro_batches: Callable  # (step, batch) -> the micro-batches of one training batch
     losses: Callable  # (step, micro-batch) -> StepResult: TrainStep.forward
+    local_only: bool = False  # its network is models.glnet.LocalOnly, not GLNet
 
     def checkpoints(self, evaluation: bool, resuming: bool = False) -> list[str]:
         """The --path_* flags whose files a run loads (docs/MODEL.md section 1). A resumed
@@ -66,10 +69,15 @@ class Stage:
         return own + ([self.frozen_from] if self.frozen_from else [])
 
 
+def _parts(model: nn.Module) -> list[str]:
+    """The names of PARTS that `model` has (the local-only network: the local branch)."""
+    return [name for name in PARTS if getattr(model, name, None) is not None]
+
+
 def configure_stage(model: GLNet, stage: Stage) -> list[torch.nn.Parameter]:
     """Freeze what `stage` does not train (requires_grad False); return the trainable parameters."""
     params = []
-    for name in PARTS:
+    for name in _parts(model):
         trained = name in stage.trained
         for p in getattr(model, name).parameters():
             p.requires_grad_(trained)
@@ -81,7 +89,7 @@ def configure_stage(model: GLNet, stage: Stage) -> list[torch.nn.Parameter]:
 def set_train_mode(model: GLNet, stage: Stage) -> None:
     """Trained parts in train mode; frozen parts (BatchNorm included) in eval mode."""
     model.train()
-    for name in PARTS:
+    for name in _parts(model):
         if name not in stage.trained:
             getattr(model, name).eval()
 
@@ -232,6 +240,25 @@ def _losses_global2local(step: TrainStep, m: dict[str, Any]) -> StepResult:
     return StepResult(step.scale(loss), {k: v.detach() for k, v in losses.items()}, scored)
 
 
+def _micro_local(step: TrainStep, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Local only: one micro-batch per sub-batch of patches of each image, as mode 2's
+    without the global maps. Gradients accumulate over all of them."""
+    cfg = step.cfg
+    for b, image in enumerate(batch["image"]):
+        image, label = step.to_device(image), step.to_device(batch["label"][b])
+        grid = PatchGrid.for_size(*image.shape[-2:], cfg.size_p)
+        for index, patches in patch_batches(image, grid, cfg.sub_batch):
+            yield {"patches": patches, "labels": patch_labels(label, grid, index)}
+
+
+def _losses_local(step: TrainStep, m: dict[str, Any]) -> StepResult:
+    """Local only: focal loss of the patches' logits."""
+    out, y = step.model(m["patches"]), m["labels"]
+    loss = focal_loss(out, y)
+    return StepResult(step.scale(loss), {"loss": loss.detach(), "focal_local": loss.detach()},
+                      [("local", y, out.detach().argmax(1))])
+
+
 class _GradSum:
     """Gradients of several losses with respect to `inputs`, summed in call order (as
     repeated backward() calls would accumulate them in .grad), without touching .grad."""
@@ -374,4 +401,20 @@ STAGES: dict[int, Stage] = {
         init_from=(("path_g2l", False),), backbones=(), eval_from="path_l2g", frozen_from="path_g",
         plain_eval=False, one_forward_per_batch=True, scores=inference.score_local2global, micro_batches=_micro_whole_batch, losses=_losses_local2global,
     ),
+    # "local only" (docs/MODEL.md section 9): mode 2's schedule, the backbone from ImageNet as in mode 1
+    4: Stage(
+        4, "local", "fpn_deepglobe_local", 50, 2e-5, ("resnet_local", "fpn_local"), ("local",), "local", "size_p",
+        init_from=(), backbones=("resnet_local",), eval_from="path_local", frozen_from=None,
+        plain_eval=False, one_forward_per_batch=False, scores=inference.score_local, micro_batches=_micro_local, losses=_losses_local,
+        local_only=True,
+    ),
 }
+
+
+def stage_mode(text: str) -> int:
+    """A --mode value, a stage's number or name ("2", "global2local"), as the number."""
+    for mode, stage in STAGES.items():
+        if text.strip() in (str(mode), stage.name):
+            return mode
+    names = ", ".join(f"{m} or {s.name}" for m, s in STAGES.items())
+    raise ValueError(f"{text!r} is no stage: choose {names}")

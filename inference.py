@@ -2,7 +2,7 @@
 (`engine.evaluate`) and predict.py call the same code.
 
 - A stage's scoring function (its row of `helper.STAGES` names it: `score_global`,
-  `score_global2local`, `score_local2global`) runs the models on one image and yields its
+  `score_global2local`, `score_local2global`, `score_local`) runs the models on one image and yields its
   scores as they are made: `GlobalScores` (the global view's logits) and `PatchScores` (one
   output's logits for some patches). It reads the patches from the image's pixels:
   `ImagePixels` (a decoded uint8 tensor) or `SourcePixels` (a `dataset.raster.ImageSource` read by
@@ -194,6 +194,13 @@ def score_global2local(models: Models, inputs: Inputs, settings: Settings) -> It
         yield PatchScores("aggregated", torch.cat(aggregated), index)
 
 
+def score_local(models: Models, inputs: Inputs, settings: Settings) -> Iterator[Scored]:
+    """Local only (`models.glnet.LocalOnly`): each patch's logits, no global view (section 9)."""
+    model, grid = models.model, inputs.grid
+    for index, patches in inputs.pixels.batches(grid, settings.sub_batch):
+        yield PatchScores("local", torch.cat(list(model.patch_logits(patches, settings.backbone_batch))), index)
+
+
 class KeptHalves:
     """Per-patch tensors kept in memory in patch order, read back by ranges of patches."""
 
@@ -283,10 +290,11 @@ def score_local2global(models: Models, inputs: Inputs, settings: Settings) -> It
 # ----------------------------------------------------------------------------- whole canvases
 
 class Scores(NamedTuple):
-    """Class scores of one image: global logits at 1/4 of size_g, and the local and
-    aggregated patch logits reassembled into (C, H/stride, W/stride) canvases."""
+    """Class scores of one image: global logits at 1/4 of size_g (None for the local-only
+    stage), and the local and aggregated patch logits reassembled into (C, H/stride,
+    W/stride) canvases."""
 
-    global_: torch.Tensor
+    global_: torch.Tensor | None
     local: torch.Tensor | None
     aggregated: torch.Tensor | None
     stride: int = 1
@@ -363,7 +371,9 @@ def whole_scores(stage, models: Models, inputs: Inputs, settings: Settings) -> S
 def class_maps(scores: Scores, size: Sequence[int]) -> dict[str, torch.Tensor]:
     """Class maps (H, W) int64 of each output of `scores` (`size`: the padded image's)."""
     # argmax commutes with nearest upsampling: argmax at 1/4, then upsample the indices
-    out = {"global": upsample_global(scores.global_.argmax(1, keepdim=True).float(), size)[0].long()}
+    out = {}
+    if scores.global_ is not None:
+        out["global"] = upsample_global(scores.global_.argmax(1, keepdim=True).float(), size)[0].long()
     for name in ("local", "aggregated"):
         canvas = getattr(scores, name)
         if canvas is not None:
@@ -394,7 +404,7 @@ def tta_class_maps(
         for k in range(4):
             view = dihedral(image, k, flip)
             s = score(view, dihedral(image_global, k, flip))
-            parts = {"global": upsample_global(s.global_, view.shape[-2:])}
+            parts = {} if s.global_ is None else {"global": upsample_global(s.global_, view.shape[-2:])}
             for name in ("local", "aggregated"):
                 if getattr(s, name) is not None:
                     parts[name] = upsample_canvas(getattr(s, name), s.stride)

@@ -30,8 +30,7 @@ DEFAULT_FORMATS = ("index", "color")
 
 def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help
-    from helper import STAGES
-    from cli import HelpFormatter  # every default shown, once
+    from cli import HelpFormatter, mode_help, stage_mode  # every default shown, once
     from utils.outputs import FORMATS
     from dataset.raster import FAITHFUL_MAX_PIXELS
 
@@ -45,12 +44,13 @@ def get_parser() -> argparse.ArgumentParser:
     a("--format", nargs="+", action="append", metavar="FORMAT", help="outputs per image, of "
       f"{', '.join(FORMATS)}: comma-separated (--format index,color), repeated, or space-separated; "
       f"default {','.join(DEFAULT_FORMATS)}")
-    a("--mode", type=int, choices=sorted(STAGES), default=3, help=", ".join(f"{m}: {s.name}" for m, s in STAGES.items()))
+    a("--mode", type=stage_mode, default=3, metavar="MODE", help=mode_help())
     a("--model_path", default="./saved_models/", help="folder of the checkpoints; --path_* are relative to it")
     add_dataset_args(p)
     a("--path_g", default=None, help="global checkpoint (mode 1; the frozen global model of mode 3) " + preset_help("path_g"))
     a("--path_g2l", default=None, help="global2local checkpoint (mode 2) " + preset_help("path_g2l"))
     a("--path_l2g", default=None, help="local2global checkpoint (mode 3) " + preset_help("path_l2g"))
+    a("--path_local", default=None, help="local-only checkpoint (--mode local) " + preset_help("path_local"))
     a("--n_class", type=int, default=None, help="number of classes of the checkpoints " + preset_help("n_class"))
     a("--size_g", type=int, default=None, help="side of the downsampled global image, as in training " + preset_help("size_g"))
     a("--size_p", type=int, default=None, help="side of the full-resolution patches, as in training " + preset_help("size_p"))
@@ -217,7 +217,8 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
         if os.path.realpath(p) in inputs:
             raise UserError(f"{path}: its output {p} would overwrite the input {p}; choose another --out")
     max_side = args.overlay_size if "overlay" in args.format else None
-    check_geometry(path, *image_size(path), args.size_g, args.size_p, args.global_view)  # before decoding
+    if not stage.local_only:  # (the local-only network crops no global maps)
+        check_geometry(path, *image_size(path), args.size_g, args.size_p, args.global_view)  # before decoding
     with open_image(path, args.size_g, args.size_p, args.bands, max_side, int(args.faithful_max_mp * 1e6),
                     args.global_view) as src:
         if "geotiff" in args.format and src.georef is None:

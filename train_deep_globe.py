@@ -3,6 +3,7 @@
     python train_deep_globe.py --mode 1 --task_name fpn_deepglobe_global --data_path data/deep_globe
     python train_deep_globe.py --mode 2 ... --path_g fpn_deepglobe_global.pth
     python train_deep_globe.py --mode 3 ... --path_g ... --path_g2l fpn_deepglobe_global2local.pth
+    python train_deep_globe.py --mode local ...   (the local-only baseline; --mode takes numbers or names)
     add --evaluation (and --path_l2g for mode 3) to evaluate data_path/crossvali.
 
 Checkpoint names (--path_*) are joined to --model_path, as in the original.
@@ -20,7 +21,7 @@ import math
 import random
 import sys
 
-from cli import HelpFormatter, ensure_writable_dir, get_device
+from cli import HelpFormatter, ensure_writable_dir, get_device, mode_help, stage_mode
 from utils.errors import UserError, run_command
 
 
@@ -46,7 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help as ph
 
     p = argparse.ArgumentParser(
-        description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, 3 local2global.",
+        description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, "
+                    "3 local2global, 4 local (the local-only baseline).",
         formatter_class=HelpFormatter,
     )
     a = p.add_argument
@@ -56,16 +58,18 @@ def get_parser() -> argparse.ArgumentParser:
     a("--model_path", type=str, default="./saved_models/", help="folder for checkpoints; --path_* are relative to it")
     a("--log_path", type=str, default="./runs/", help="folder for TensorBoard logs, text logs and metrics")
     a("--task_name", type=str, default=None, help=f"run name: <model_path>/<task_name>.pth, <log_path>/<task_name>/ (default: {_per_mode('task_name')}; fpn_<dataset>_... for the other --dataset presets)")
-    a("--mode", type=int, choices=sorted(_stages()), default=1, help=", ".join(f"{m}: {s.name}" for m, s in _stages().items()))
+    a("--mode", type=stage_mode, default=1, metavar="MODE", help=mode_help())
     a("--evaluation", action="store_true", help="evaluate on data_path/crossvali instead of training")
     a("--batch_size", type=int, default=None, help=f"images per optimizer step (per process under torchrun) {ph('batch_size')}")
     a("--sub_batch_size", type=int, default=None, help=f"patches per forward pass {ph('sub_batch_size')}")
     a("--size_g", type=int, default=None, help=f"side of the downsampled global image {ph('size_g')}")
     a("--size_p", type=int, default=None, help=f"side of the full-resolution patches {ph('size_p')}")
     a("--global_view", choices=("square", "aspect"), default="square", help="global view: square = squashed to size_g x size_g (the original); aspect = long side size_g, aspect ratio kept (needs --batch_size 1)")
+    a("--crop_foreground", action="store_true", help="coarse-to-fine training (docs/MODEL.md section 9): each training and validation image and its label are cut to the box of the label's foreground (every class but 0; ignored pixels are not foreground), relaxed to about twice the foreground and at least one patch; an image without foreground is kept whole. With --evaluation: the split's images cut alike (scores on label boxes, not the paper's coarse-to-fine inference)")
     a("--path_g", type=str, default=None, help=f"global checkpoint (modes 2, 3; mode 1 evaluation) {ph('path_g')}")
     a("--path_g2l", type=str, default=None, help=f"global2local checkpoint (mode 3 training; mode 2 evaluation) {ph('path_g2l')}")
     a("--path_l2g", type=str, default=None, help=f"local2global checkpoint (mode 3 evaluation) {ph('path_l2g')}")
+    a("--path_local", type=str, default=None, help=f"local-only checkpoint (--mode local evaluation) {ph('path_local')}")
     add_dataset_args(p)
     a("--lamb_fmreg", type=float, default=0.15, help="weight of the feature-map MSE regularisation (mode 2)")
     # New flags.
@@ -105,6 +109,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError("--test needs --predictions_dir DIR to write the predictions to")
     if args.split != "crossvali" and not args.evaluation:
         raise UserError("--split chooses what --evaluation predicts; training reads train/ and validates on crossvali/")
+    if args.crop_foreground and args.evaluation and (args.test or args.predictions_dir):
+        raise UserError("--crop_foreground cuts images to their label's foreground box: it scores a labelled split "
+                        "and writes no predictions (they would be of the boxes); leave out --crop_foreground or "
+                        f"{'--test' if args.test else '--predictions_dir'}")
     if args.resume and args.evaluation:
         raise UserError("--resume continues a training run; leave it out with --evaluation/--test")
     for name in ("size_g", "size_p"):

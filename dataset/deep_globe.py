@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dataset.classes import IGNORE_LABEL, ClassTable, class_table
+from utils.boxes import Box, foreground_box
 from utils.errors import UserError
 
 SAT_SUFFIX = "_sat.jpg"  # DeepGlobe's image names
@@ -233,6 +234,19 @@ def augment(image: Image.Image, label: Image.Image | None, rng: random.Random):
     return image, label
 
 
+def foreground_crop(image: Image.Image, label: Image.Image, size_p: int,
+                    ignore_index: int = IGNORE_LABEL) -> tuple[Image.Image, Image.Image, Box | None]:
+    """--crop_foreground (docs/MODEL.md section 9): the image and its class-index label cut
+    alike to the box of the label's foreground, relaxed by `utils.boxes.foreground_box` for
+    patches of `size_p`. Foreground: every class but 0; ignored pixels (`ignore_index`) are
+    not foreground. A label without foreground keeps the image whole (box None)."""
+    classes = torch.from_numpy(np.array(label))
+    box, _ = foreground_box((classes != 0) & (classes != ignore_index), size_p)
+    if box is None:
+        return image, label, None
+    return image.crop(tuple(box)), label.crop(tuple(box)), box
+
+
 def _pad(im: Image.Image, size_p: int, fill) -> Image.Image:
     """Pad at the bottom/right to at least size_p per side."""
     width, height = im.size
@@ -319,10 +333,13 @@ class DeepGlobe(Dataset):
         seed: int = 0,
         classes: ClassTable | None = None,
         global_view: str = "square",
+        crop_foreground: bool = False,
     ) -> None:
         """`classes`: the table masks are decoded with (default `class_table(n_class)`);
-        `global_view`: see `global_size`. (Ten parameters: a torch Dataset is built from its
-        options, each a keyword with a default but the folder and the sizes.)"""
+        `global_view`: see `global_size`; `crop_foreground`: each image and its label cut to
+        the label's foreground box before anything else (`foreground_crop`; needs labels).
+        (Eleven parameters: a torch Dataset is built from its options, each a keyword with a
+        default but the folder and the sizes.)"""
         self.root = split_dir(data_path, split)
         if not os.path.isdir(self.root):
             raise UserError(f"data split not found: {self.root}")
@@ -334,6 +351,9 @@ class DeepGlobe(Dataset):
             raise UserError(f"--n_class {n_class} but class table {self.classes.name!r} has {self.classes.n_class} classes")
         self.labels, self.train, self.seed = labels, train, seed
         self.global_view = global_view
+        if crop_foreground and not labels:
+            raise ValueError("crop_foreground needs labels: the box is the label's foreground")
+        self.crop_foreground = crop_foreground
         self.epoch = 0
 
     @staticmethod
@@ -390,6 +410,8 @@ class DeepGlobe(Dataset):
             path = self.label_path(id_)
             label = read_label(path, self.classes)
             _check_label_size(path, image.size, label.size)
+            if self.crop_foreground:
+                image, label, _ = foreground_crop(image, label, self.size_p, self.classes.ignore_index)
         if self.train:
             image, label = augment(image, label, random.Random(hash((self.seed, self.epoch, index))))
         sample = {"id": id_, **image_views(image, self.size_g, self.size_p, self.global_view)}

@@ -39,6 +39,7 @@ class Preset:
     path_g: str
     path_g2l: str
     path_l2g: str
+    path_local: str = ""  # (every preset names one; a default only because it comes after path_l2g)
     epochs: dict[int, int] = field(default_factory=dict)
     lr: dict[int, float] = field(default_factory=dict)
     task_names: dict[int, str] = field(default_factory=dict)
@@ -51,17 +52,18 @@ class Preset:
 
 
 def _names(prefix: str) -> dict:
-    """Task and checkpoint names of a data set: fpn_<prefix>_global, _global2local, _local2global."""
-    stages = {1: "global", 2: "global2local", 3: "local2global"}
+    """Task and checkpoint names of a data set: fpn_<prefix>_global, _global2local, _local2global, _local."""
+    stages = {1: "global", 2: "global2local", 3: "local2global", 4: "local"}
     tasks = {m: f"fpn_{prefix}_{s}" for m, s in stages.items()}
-    return dict(task_names=tasks, path_g=tasks[1] + ".pth", path_g2l=tasks[2] + ".pth", path_l2g=tasks[3] + ".pth")
+    return dict(task_names=tasks, path_g=tasks[1] + ".pth", path_g2l=tasks[2] + ".pth", path_l2g=tasks[3] + ".pth",
+                path_local=tasks[4] + ".pth")
 
 
 PRESETS: dict[str, Preset] = {
     "deepglobe": Preset(
         "deepglobe", DEEPGLOBE, "./data/deep_globe/", 508, 508, 6, 6,
         path_g="fpn_deepglobe_global.pth", path_g2l="fpn_deepglobe_global2local.pth",
-        path_l2g="fpn_deepglobe_local2global.pth",
+        path_l2g="fpn_deepglobe_local2global.pth", path_local="fpn_deepglobe_local.pth",
         about="DeepGlobe land cover, 7 classes, 2448 px; the paper's settings",
         prepare="convert the download with: python -m dataset.prepare_deep_globe --raw_path RAW --data_path OUT",
     ),
@@ -85,7 +87,7 @@ PRESETS: dict[str, Preset] = {
 DEFAULT = "deepglobe"
 # flags a preset fills when they are not given (train_deep_globe.py leaves them at None)
 PRESET_FLAGS = ("n_class", "data_path", "size_g", "size_p", "batch_size", "sub_batch_size",
-                "path_g", "path_g2l", "path_l2g")
+                "path_g", "path_g2l", "path_l2g", "path_local")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -136,13 +138,14 @@ def classes_from_args(args: argparse.Namespace) -> ClassTable:
 
 def dataset_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of `DeepGlobe.open` for a run: the class table, the hint of a
-    missing --data_path and the global view (--global_view aspect needs --batch_size 1:
+    missing --data_path, --crop_foreground and the global view (--global_view aspect needs --batch_size 1:
     global views of different shapes cannot be stacked into one batch)."""
     view = getattr(args, "global_view", "square")
     if view == "aspect" and args.batch_size != 1:
         raise UserError(f"--global_view aspect needs --batch_size 1 (global views of different shapes cannot share "
                         f"a batch), got {args.batch_size}")
-    return {"classes": classes_from_args(args), "hint": PRESETS[args.dataset].prepare, "global_view": view}
+    return {"classes": classes_from_args(args), "hint": PRESETS[args.dataset].prepare, "global_view": view,
+            "crop_foreground": getattr(args, "crop_foreground", False)}
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:

@@ -1,4 +1,4 @@
 """GLNet model: `from models import GLNet`."""
-from models.glnet import GLNet, Maps
+from models.glnet import GLNet, LocalOnly, Maps
 
-__all__ = ["GLNet", "Maps"]
+__all__ = ["GLNet", "LocalOnly", "Maps"]

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from models import GLNet
+from models import GLNet, LocalOnly
 from models.resnet import NO_TORCHVISION, load_backbone_weights
 from utils.checkpoint import all_keys, global_keys, load_checkpoint
 from utils.errors import UserError
@@ -23,7 +23,8 @@ def checkpoint_path(args, flag: str) -> str:
 
 
 def _hint(args, flag: str, stages: Iterable) -> str:
-    writer = next((f"--mode {s.mode} training" for s in stages if s.eval_from == flag), "the training of its stage")
+    writer = next((f"--mode {s.mode} ({s.name}) training" for s in stages if s.eval_from == flag),
+                  "the training of its stage")
     return f"--{flag} should name the checkpoint written by {writer} (--path_* are relative to --model_path {args.model_path})"
 
 
@@ -71,16 +72,26 @@ def build_models(args, stage, device: torch.device, init: bool = True, stages: I
     torch.manual_seed(args.seed)
     if args.evaluation and init:
         with torch.device("meta"):
-            model = GLNet(args.n_class, local=False, context=False) if stage.plain_eval else GLNet(args.n_class)
+            model = _network(args.n_class, stage, evaluation=True)
         load_for_flag(model, args, stage.eval_from, all_keys, assign=True, stages=stages)
     else:
-        model = GLNet(args.n_class)
+        model = _network(args.n_class, stage, evaluation=False)
     if init and not args.evaluation:
         for flag, global_only in stage.init_from:
             load_for_flag(model, args, flag, global_keys if global_only else all_keys, stages=stages)
         for name in stage.backbones:
             _backbone(getattr(model, name), args.backbone_weights)
     return model.to(device), build_frozen(args, stage, device, stages)
+
+
+def _network(n_class: int, stage, evaluation: bool):
+    """The network a stage trains or evaluates: the local-only one (`--mode local`), the plain
+    global network (evaluation of a stage that needs only it), or the whole GLNet."""
+    if stage.local_only:
+        return LocalOnly(n_class)
+    if evaluation and stage.plain_eval:
+        return GLNet(n_class, local=False, context=False)
+    return GLNet(n_class)
 
 
 def build_frozen(args, stage, device: torch.device, stages: Iterable = ()) -> GLNet | None:
@@ -111,6 +122,7 @@ def tune_for_device(models, device: torch.device, compile_: bool = False, compil
         if compile_:
             # Not fpn_local: its inputs carry the patch index (global crops, merge sinks),
             # which the compiler would specialise on, recompiling for every patch.
-            for part in (m.resnet_global, m.resnet_local, m.fpn_global):
+            for name in ("resnet_global", "resnet_local", "fpn_global"):
+                part = getattr(m, name, None)  # (the local-only network has no global branch)
                 if part is not None:
                     part.compile(backend=compile_backend)

@@ -88,24 +88,39 @@ def load_checkpoint(
     omits = getattr(model, "omits", lambda key: False)
     unexpected = [k for k in state if select(k) and k not in own and not omits(k)]
     missing = [k for k in own if k not in state]
+    what = getattr(model, "title", "GLNet") + _holds(state, own)
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
-        raise UserError(f"{path} does not fit GLNet: " + "; ".join(parts))
+        raise UserError(f"{path} does not fit {what}: " + "; ".join(parts))
     bad = [k for k in own if state[k].shape != own[k].shape]
     if bad:
         k = bad[0]
         raise UserError(
-            f"{path} does not fit GLNet: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
+            f"{path} does not fit {what}: {k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
         )
     if assign:
         # as a copy into the model would: the model's dtype, plain layout (no-ops, so no
         # copy and the memory map is kept, for the usual fp32 contiguous files)
         state = {k: state[k].to(dtype=own[k].dtype).contiguous() for k in own}
     model.load_state_dict({k: state[k] for k in own}, strict=False, assign=assign)
+
+
+def _holds(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    """' (the file holds ...)' where the file is of the other kind of network: a GLNet's
+    (resnet_global.*) against the local-only network's (resnet_local.* alone), or back."""
+    def glnet(keys) -> bool:
+        return any(k.startswith("resnet_global.") for k in keys)
+
+    local_only = not glnet(state) and "fpn_local.toplayer.weight" in state and "fpn_local.smooth.weight" not in state
+    if glnet(state) and not glnet(own):
+        return " (the file holds a GLNet, of --mode 1, 2 or 3)"
+    if local_only and glnet(own):
+        return " (the file holds the local-only network of --mode local)"
+    return ""
 
 
 def _n_class(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -26,10 +26,10 @@ from utils.io import atomic_copy, remove_stale_temps
 
 # --resume takes these from the interrupted run unless given again; the first five shape the
 # model, the data or the batches, so a different value cannot continue that run.
-ESSENTIAL_ARGS = ("mode", "size_p", "size_g", "n_class", "batch_size", "dataset", "global_view")
+ESSENTIAL_ARGS = ("mode", "size_p", "size_g", "n_class", "batch_size", "dataset", "global_view", "crop_foreground")
 RESUMED_ARGS = ESSENTIAL_ARGS + (
     "sub_batch_size", "lamb_fmreg", "num_epochs", "lr", "seed", "data_path", "path_g", "path_g2l", "path_l2g",
-    "backbone_weights", "classes",
+    "path_local", "backbone_weights", "classes",
 )
 RESUME_KEYS = {"model", "optimizer", "epoch", "best", "args"}
 
