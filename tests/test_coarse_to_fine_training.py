@@ -200,6 +200,9 @@ def test_local_only_network_forward_backward():
     assert state["fpn_local.smooth1_1.weight"].shape == (256, 256, 3, 3)
     assert state["fpn_local.classify.weight"].shape == (7, 512, 3, 3)
     assert {k.split(".")[0] for k in state} == {"resnet_local", "fpn_local"}
+    # ResNet-50: 53 convs (downsample ones included) and 53 BatchNorms of 5 entries = 318;
+    # the plain FPN: 4 lateral, 4 + 4 smoothing convs and classify, weight and bias = 26
+    assert len(state) == 318 + 26
     assert not any(k.startswith("fpn_local.smooth.") or "_ext" in k for k in state)
     params = helper.configure_stage(net, helper.STAGES[4])
     assert len(params) == len(list(net.parameters()))
