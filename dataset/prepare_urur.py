@@ -213,7 +213,7 @@ def convert(item: Item) -> Outcome:
             out.label, out.counts = "present", known
         else:
             classes, out.decoded = read_label(label_src)
-            out.counts = np.bincount(classes.ravel(), minlength=URUR.n_class).tolist()
+            out.counts = [int(np.count_nonzero(classes == c)) for c in range(URUR.n_class)]  # no int64 copy
             info = PngInfo()
             info.add_text(KEY_SOURCE, stamp)
             info.add_text(KEY_COUNTS, " ".join(map(str, out.counts)))
