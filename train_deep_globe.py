@@ -46,7 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help as ph
 
     p = argparse.ArgumentParser(
-        description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, 3 local2global.",
+        description="GLNet on DeepGlobe (or --dataset inria, isic, urur, folder): --mode 1 global, 2 global2local, 3 local2global.",
         formatter_class=HelpFormatter,
     )
     a = p.add_argument
