@@ -31,6 +31,7 @@ from dataset.classes import class_table
 from dataset.deep_globe import collate
 from utils.errors import SharedError, UserError
 from utils.io import save_png, write_json
+from utils.labels import mean_iou
 from utils.lr_scheduler import poly_lr, set_lr
 from utils.metrics import ChallengeScore, ConfusionMatrix
 from utils import dist
@@ -274,29 +275,41 @@ def _example(batch, b: int, maps: dict[str, torch.Tensor], with_labels: bool) ->
     }
 
 
-def metrics_dict(cms) -> dict:
-    results = {
+def metrics_dict(cms, classes=None) -> dict:
+    """{output: {"iou": [...], "miou": m}}; a class table's `other_mious` (URUR: "miou_all")
+    add their means under their keys; matrices that kept the ISIC challenge score (2-class
+    tables in evaluation), "challenge_score"."""
+    out = {
         name: {"iou": [None if math.isnan(x) else x for x in cm.iou()], "miou": cm.miou()} for name, cm in cms.items()
     }
+    for key, counted in getattr(classes, "other_mious", ()):
+        for name, cm in cms.items():
+            out[name][key] = mean_iou(cm.iou(), counted)
     for name, cm in cms.items():  # 2-class tables: the ISIC challenge's score (docs/MODEL.md section 9)
         if cm.challenge is not None:
-            results[name]["challenge_score"] = cm.challenge.value()
-    return results
+            out[name]["challenge_score"] = cm.challenge.value()
+    return out
 
 
 def format_table(results: dict, classes) -> str:
-    """Per-class IoU table with class names, one column per output."""
+    """Per-class IoU table with class names, one column per output; one mIoU line per mean,
+    labelled with the classes it averages (`other_mious` after `miou`); then the challenge
+    score, where the results have it."""
     names = list(results)
-    lines = [f"{'class':<14}" + "".join(f"{k:>12}" for k in names)]
+    means = [("miou", "mIoU", classes.miou_classes)]
+    means += [(key, "mIoU" + key[len("miou"):], counted) for key, counted in getattr(classes, "other_mious", ())]
+    labels = [f"{title} ({counted[0]}..{counted[-1]})" for _, title, counted in means]
+    width = max(14, *(len(label) + 1 for label in labels))
+    lines = [f"{'class':<{width}}" + "".join(f"{k:>12}" for k in names)]
     for c, class_name in enumerate(classes.names):
         cells = "".join(
             f"{'n/a' if results[k]['iou'][c] is None else format(results[k]['iou'][c], '.4f'):>12}" for k in names
         )
-        lines.append(f"{c} {class_name:<12}" + cells)
-    counted = classes.miou_classes
-    lines.append(f"{f'mIoU ({counted[0]}..{counted[-1]})':<14}" + "".join(f"{results[k]['miou']:>12.4f}" for k in names))
-    if all("challenge_score" in results[k] for k in names):
-        lines.append(f"{'challenge':<14}" + "".join(f"{results[k]['challenge_score']:>12.4f}" for k in names))
+        lines.append(f"{c} {class_name:<{width - 2}}" + cells)
+    for (key, _, _), label in zip(means, labels):
+        lines.append(f"{label:<{width}}" + "".join(f"{results[k][key]:>12.4f}" for k in names))
+    if all("challenge_score" in results[k] for k in names):  # 2-class tables (section 9)
+        lines.append(f"{'challenge':<{width}}" + "".join(f"{results[k]['challenge_score']:>12.4f}" for k in names))
     return "\n".join(lines)
 
 
@@ -329,7 +342,7 @@ def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes
         print(f"predictions: {args.predictions_dir}")
     if not ds.labels:
         return 0
-    results = metrics_dict(cms)
+    results = metrics_dict(cms, cfg.classes)
     print(f"IoU on {split} ({len(ds)} images), task {args.task_name}")
     print(format_table(results, cfg.classes))
     print(f"{split}: " + "  ".join(f"mIoU {k}: {v['miou']:.4f}" for k, v in results.items()))

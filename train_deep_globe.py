@@ -47,7 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     from dataset.presets import add_dataset_args, preset_help as ph
 
     p = argparse.ArgumentParser(
-        description="GLNet on DeepGlobe (or --dataset inria, isic, folder): --mode 1 global, 2 global2local, "
+        description="GLNet on DeepGlobe (or --dataset inria, isic, urur, folder): --mode 1 global, 2 global2local, "
                     "3 local2global, 4 local (the local-only baseline).",
         formatter_class=HelpFormatter,
     )

@@ -15,7 +15,7 @@ args=(
     --log_path "${LOG_PATH:-./runs/}"
     --lamb_fmreg "${LAMB_FMREG:-0.15}"
 )
-# Dataset preset (train_deep_globe.py --dataset: deepglobe, the default, inria, isic, folder with
+# Dataset preset (train_deep_globe.py --dataset: deepglobe, the default, inria, isic, urur, folder with
 # CLASSES=table.json): the flags below are left out unless set, and then take the preset's values.
 glnet_flags_from_env DATASET=--dataset CLASSES=--classes N_CLASS=--n_class DATA_PATH=--data_path \
     BATCH_SIZE=--batch_size SUB_BATCH_SIZE=--sub_batch_size SIZE_G=--size_g SIZE_P=--size_p \

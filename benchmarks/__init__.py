@@ -244,37 +244,21 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_glnet(
-    n_class: int, mode: int, device, channels_last: bool = False, keep_frozen_state: bool = False,
-    training: bool = False,
-):
-    """Deterministic random-init models: GLNet(n_class) after manual_seed(0) (for mode-1
-    evaluation the plain global network) and, for mode 3, the plain global network as the frozen
-    global model (as models.build.build_models does). Returns (model, frozen, frozen_state):
-    with `keep_frozen_state`, the frozen model's state dict (to save it as a checkpoint),
-    otherwise None."""
+def build_glnet(n_class: int, mode: int, device, channels_last: bool = False, training: bool = False):
+    """Deterministic random-init models of a stage, built by the project's builder
+    (models.build.random_models, seed 0): (model, frozen), frozen None but in mode 3. For
+    evaluation (training=False) a stage evaluated with the plain global network gets just that."""
     import torch
 
     from helper import STAGES
-    from models import GLNet
+    from models.build import random_models
 
-    torch.manual_seed(0)
-    stage = STAGES[mode]
-    plain = stage.plain_eval and not training  # as models.build.build_models for evaluation
-    model = GLNet(n_class, local=False, context=False) if plain else GLNet(n_class)
-    frozen, frozen_state = None, None
-    if stage.frozen_from:
-        frozen = GLNet(n_class, local=False, context=False)  # only its plain global network is used
-        if keep_frozen_state:
-            frozen_state = frozen.state_dict()
-        frozen.requires_grad_(False)
-        frozen.to(device).eval()
-    model.to(device)
+    model, frozen = random_models(n_class, STAGES[mode], torch.device(device), evaluation=not training)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-        if frozen is not None:
-            frozen.to(memory_format=torch.channels_last)
-    return model, frozen, frozen_state
+        for m in (model, frozen):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    return model, frozen
 
 
 # ----------------------------------------------------------------------------- output
@@ -324,11 +308,11 @@ def save_checkpoints(args, model_path: str) -> list[str]:
     from utils.checkpoint import save_state_dict
 
     stage = STAGES[args.mode]
-    model, frozen, frozen_state = build_glnet(args.n_class, args.mode, torch.device("cpu"), keep_frozen_state=True)
+    model, frozen = build_glnet(args.n_class, args.mode, torch.device("cpu"))
     save_state_dict(model, os.path.join(model_path, f"{stage.eval_from}.pth"))
     ckpt = [f"--{stage.eval_from}", f"{stage.eval_from}.pth"]
     if stage.frozen_from:
-        torch.save({"module." + k: v for k, v in frozen_state.items()}, os.path.join(model_path, f"{stage.frozen_from}.pth"))
+        save_state_dict(frozen, os.path.join(model_path, f"{stage.frozen_from}.pth"))
         ckpt += [f"--{stage.frozen_from}", f"{stage.frozen_from}.pth"]
     return ckpt
 

@@ -233,7 +233,7 @@ def build_models(args, device):
     as train_deep_globe.py --compile does."""
     import torch
 
-    model, frozen, _ = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
+    model, frozen = B.build_glnet(args.n_class, args.mode, device, args.channels_last)
     if args.compile:
         from models.build import tune_for_device
 

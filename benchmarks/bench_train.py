@@ -118,7 +118,7 @@ def setup_stage(args, mode: int, device) -> tuple:
     the models."""
     import helper
 
-    model, frozen, _ = B.build_glnet(args.n_class, mode, device, args.channels_last, training=True)
+    model, frozen = B.build_glnet(args.n_class, mode, device, args.channels_last, training=True)
     stage = helper.STAGES[mode]
     params = helper.configure_stage(model, stage)
     optimizer = helper.make_optimizer(params, stage.lr)

@@ -1,6 +1,6 @@
 """Class tables: names, colours, the raw mask values of each class, the ignored values and the
-classes of the reported mIoU (docs/MODEL.md section 7). `DEEPGLOBE`, `INRIA` and `ISIC` are
-the presets' tables; `class_table(n_class)` gives the table a run with only --n_class uses;
+classes of the reported mIoU (docs/MODEL.md section 7). `DEEPGLOBE`, `INRIA`, `ISIC` and
+`URUR` are the presets' tables; `class_table(n_class)` gives the table a run with only --n_class uses;
 `load_class_table(path)` reads a user's table from JSON or CSV (README "Your own data").
 numpy only (no torch), so the data tools stay light.
 """
@@ -43,6 +43,8 @@ class ClassTable:
     """The classes of a data set. `colors`: one RGB colour per class (any (n, 3) sequence;
     stored as a tuple of int triples). `miou_classes`: the classes averaged in the reported
     mIoU; None (the default) means 1..n-1, class 0 ('unknown' in DeepGlobe) left out.
+    `other_mious`: further means reported beside it, as (key, classes) pairs; the key
+    starts with 'miou_' and names the mean in the metrics (URUR: 'miou_all', classes 0..7).
 
     Mask decoding (`decode_values`, `decode_colors`): `values[c]` are the raw mask values
     that mean class c (None: each class its own index); `ignore_values` the raw values that
@@ -64,6 +66,7 @@ class ClassTable:
     ignore_colors: tuple[tuple[int, int, int], ...] = ()
     rgb_masks: str = "exact"
     refuse_0_255: bool = True
+    other_mious: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # derived in __post_init__: (n, 3) uint8 palette; thresholded code -> class; off-palette codes
     _palette: np.ndarray = field(init=False, repr=False, compare=False)
     _code_to_class: np.ndarray | None = field(init=False, repr=False, compare=False)
@@ -93,6 +96,11 @@ class ClassTable:
         miou = tuple(range(1, len(names))) if self.miou_classes is None else tuple(int(c) for c in self.miou_classes)
         if not all(0 <= c < len(names) for c in miou):
             raise ValueError(f"class table {self.name!r}: miou_classes {miou} must be classes of the table")
+        others = tuple((str(k), tuple(int(c) for c in cs)) for k, cs in self.other_mious)
+        for key, cs in others:
+            if not key.startswith("miou_") or not cs or not all(0 <= c < len(names) for c in cs):
+                raise ValueError(f"class table {self.name!r}: other_mious needs keys 'miou_<name>' and classes of "
+                                 f"the table, got {key!r}: {cs}")
         values = tuple((i,) for i in range(len(names))) if self.values is None else \
             tuple(tuple(int(v) for v in vs) for vs in self.values)
         if len(values) != len(names) or not all(values):
@@ -115,6 +123,7 @@ class ClassTable:
         set_(self, "names", names)
         set_(self, "colors", tuple(tuple(int(v) for v in c) for c in palette))
         set_(self, "miou_classes", miou)
+        set_(self, "other_mious", others)
         set_(self, "values", values)
         set_(self, "ignore_values", ignore)
         set_(self, "ignore_colors", ignore_colors)
@@ -139,7 +148,8 @@ class ClassTable:
     def __reduce__(self):
         # rebuilt from the fields (e.g. in loader workers): derived arrays stay read-only
         return ClassTable, (self.name, self.names, self.colors, self.ignore_index, self.miou_classes,
-                            self.values, self.ignore_values, self.ignore_colors, self.rgb_masks, self.refuse_0_255)
+                            self.values, self.ignore_values, self.ignore_colors, self.rgb_masks, self.refuse_0_255,
+                            self.other_mious)
 
     def known_values(self) -> str:
         """The raw mask values this table knows, for messages: 'background = 0, building = 1
@@ -259,6 +269,26 @@ ISIC = ClassTable(
     miou_classes=(0, 1),
     values=((0,), (1, 255)),
     ignore_values=(),
+)
+
+# URUR (Ji et al., CVPR 2023): the 8 classes in label order with the colours of the release's
+# README. Class 0 ('others') is a class there, not 'unknown': the works that report URUR
+# (mmsegmentation-based) average over all 8, GLNet's own metric leaves class 0 out. Both are
+# reported: `miou` over 1..7 (GLNet's convention, as for DeepGlobe), `miou_all` over 0..7.
+URUR = ClassTable(
+    name="URUR",
+    names=("others", "building", "farmland", "greenhouse", "woodland", "bareland", "water", "road"),
+    colors=(
+        (0, 0, 0),
+        (230, 230, 230),
+        (95, 163, 7),
+        (100, 100, 100),
+        (200, 230, 160),
+        (255, 255, 100),
+        (150, 200, 250),
+        (240, 100, 80),
+    ),
+    other_mious=(("miou_all", tuple(range(8))),),
 )
 
 

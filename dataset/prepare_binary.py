@@ -252,14 +252,15 @@ def convert(item: Item) -> Outcome:
 # ---------------------------------------------------------------------------- the run
 
 
-def run_items(items: Sequence[Item], workers: int, desc: str) -> List[Outcome]:
-    """convert() every item behind a progress bar, in ``workers`` processes (here if <= 1)."""
+def run_items(items: Sequence[Item], workers: int, desc: str, job=convert) -> list:
+    """job() (convert() by default: a module-level function that returns an outcome with
+    ``item``) on every item behind a progress bar, in ``workers`` processes (here if <= 1)."""
     bar = dict(total=len(items), desc=desc, unit="img")
     if workers <= 1 or len(items) <= 1:
-        outcomes = [convert(item) for item in tqdm(items, **bar)]
+        outcomes = [job(item) for item in tqdm(items, **bar)]
     else:
         with Pool(min(workers, len(items))) as pool:
-            outcomes = list(tqdm(pool.imap_unordered(convert, items), **bar))
+            outcomes = list(tqdm(pool.imap_unordered(job, items), **bar))
     order = {(it.split, it.image_id): n for n, it in enumerate(items)}
     return sorted(outcomes, key=lambda o: order[(o.item.split, o.item.image_id)])
 

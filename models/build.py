@@ -62,6 +62,36 @@ def _backbone(module, source: str) -> None:
         ) from e
 
 
+def new_model(n_class: int, stage, evaluation: bool) -> GLNet | LocalOnly:
+    """The stage's model with random weights: the local-only network for `--mode local`
+    (stage.local_only); for the evaluation of a stage that needs only the plain global network
+    (stage.plain_eval), just that; otherwise the whole GLNet."""
+    if stage.local_only:
+        return LocalOnly(n_class)
+    if evaluation and stage.plain_eval:
+        return GLNet(n_class, local=False, context=False)
+    return GLNet(n_class)
+
+
+def new_frozen(n_class: int, stage) -> GLNet | None:
+    """Mode 3's frozen global model with random weights, frozen and in eval mode (None for
+    the other stages): only its plain global network is used (section 5)."""
+    if stage.frozen_from is None:
+        return None
+    frozen = GLNet(n_class, local=False, context=False)
+    frozen.requires_grad_(False)
+    return frozen.eval()
+
+
+def random_models(n_class: int, stage, device: torch.device, evaluation: bool, seed: int = 0):
+    """The model and frozen model of a stage, random-init after manual_seed(seed), on the device:
+    what benchmarks and tests run where no checkpoint exists."""
+    torch.manual_seed(seed)
+    model = new_model(n_class, stage, evaluation)
+    frozen = new_frozen(n_class, stage)
+    return model.to(device), (frozen.to(device) if frozen is not None else None)
+
+
 def build_models(args, stage, device: torch.device, init: bool = True, stages: Iterable = ()):
     """The model (trained or evaluated) and, for mode 3, the frozen global model. init=False
     skips the model's initial weights (a resumed run loads them from its resume file).
@@ -72,26 +102,16 @@ def build_models(args, stage, device: torch.device, init: bool = True, stages: I
     torch.manual_seed(args.seed)
     if args.evaluation and init:
         with torch.device("meta"):
-            model = _network(args.n_class, stage, evaluation=True)
+            model = new_model(args.n_class, stage, evaluation=True)
         load_for_flag(model, args, stage.eval_from, all_keys, assign=True, stages=stages)
     else:
-        model = _network(args.n_class, stage, evaluation=False)
+        model = new_model(args.n_class, stage, evaluation=False)
     if init and not args.evaluation:
         for flag, global_only in stage.init_from:
             load_for_flag(model, args, flag, global_keys if global_only else all_keys, stages=stages)
         for name in stage.backbones:
             _backbone(getattr(model, name), args.backbone_weights)
     return model.to(device), build_frozen(args, stage, device, stages)
-
-
-def _network(n_class: int, stage, evaluation: bool):
-    """The network a stage trains or evaluates: the local-only one (`--mode local`), the plain
-    global network (evaluation of a stage that needs only it), or the whole GLNet."""
-    if stage.local_only:
-        return LocalOnly(n_class)
-    if evaluation and stage.plain_eval:
-        return GLNet(n_class, local=False, context=False)
-    return GLNet(n_class)
 
 
 def build_frozen(args, stage, device: torch.device, stages: Iterable = ()) -> GLNet | None:
@@ -102,12 +122,11 @@ def build_frozen(args, stage, device: torch.device, stages: Iterable = ()) -> GL
         return None
     if args.evaluation:
         with torch.device("meta"):
-            frozen = GLNet(args.n_class, local=False, context=False)
+            frozen = new_frozen(args.n_class, stage)
     else:
-        frozen = GLNet(args.n_class, local=False, context=False)
+        frozen = new_frozen(args.n_class, stage)
     load_for_flag(frozen, args, stage.frozen_from, global_keys, assign=args.evaluation, stages=stages)
-    frozen.requires_grad_(False)
-    return frozen.to(device).eval()
+    return frozen.to(device)
 
 
 def tune_for_device(models, device: torch.device, compile_: bool = False, compile_backend: str = "inductor") -> None:

@@ -361,7 +361,7 @@ def test_add_dataset_args_and_classes_from_args_for_other_tools(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text(BINARY_CSV)
     assert classes_from_args(parser.parse_args(["--dataset", "folder", "--classes", str(table)])).names[1] == "blob"
-    assert set(PRESETS) == {"deepglobe", "inria", "isic", "folder"}
+    assert set(PRESETS) == {"deepglobe", "inria", "isic", "urur", "folder"}
 
 
 def _blobs(root, n_train=6, n_val=2, size=64, seed=0):
