@@ -23,8 +23,7 @@ def checkpoint_path(args, flag: str) -> str:
 
 
 def _hint(args, flag: str, stages: Iterable) -> str:
-    writer = next((f"--mode {s.mode} ({s.name}) training" for s in stages if s.eval_from == flag),
-                  "the training of its stage")
+    writer = next((f"--mode {s.mode} training" for s in stages if s.eval_from == flag), "the training of its stage")
     return f"--{flag} should name the checkpoint written by {writer} (--path_* are relative to --model_path {args.model_path})"
 
 

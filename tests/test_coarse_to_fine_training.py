@@ -82,6 +82,23 @@ def test_crop_foreground_then_augmentation_keeps_the_pair_together(boxed):
             assert any((img[r, c] == v).all() for v in image[40:50, 100:110].reshape(-1, 3))
 
 
+def test_a_wide_box_with_the_aspect_global_view(tmp_path):
+    """A 10 x 160 px band of class 2 (rows 70..79, columns 20..179; A = 1600) in a 160 x 200
+    image. Grown to area 2A about (100, 75): 226.3 x 14.1 px, x -14..214, y 67..83; the height
+    widened to a 64 px patch: y 43..107; the width, longer than the image, clipped: x 0..200.
+    --global_view aspect then sees a 64 x 200 crop: long side size_g 128, short side
+    128 * 64 / 200 = 41 px, raised to the 64 px minimum."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    label = np.zeros((160, 200), np.uint8)
+    label[70:80, 20:180] = 2
+    _write_pair(tmp_path, "crossvali", "w", image, label)
+    sample = DeepGlobe(str(tmp_path), "crossvali", 128, 64, 7, crop_foreground=True, global_view="aspect")[0]
+    assert sample["size"] == (64, 200)
+    np.testing.assert_array_equal(sample["label"].numpy(), label[43:107])
+    assert sample["image_global"].shape == (3, 64, 128) and sample["label_global"].shape == (16, 32)
+
+
 def test_an_image_without_foreground_is_kept_whole(boxed):
     root, image, _ = boxed
     ds = DeepGlobe(str(root), "crossvali", 64, 64, 7, crop_foreground=True)
@@ -352,6 +369,6 @@ def test_wrong_stage_checkpoints_are_one_line(local_run, tmp_path):
     common = ["--data_path", local_run["data"], "--model_path", tmp_path, "--log_path", tmp_path / "r",
               "--n_class", 2, "--device", "cpu", "--size_g", 64, "--size_p", 64, "--no_progress", "--evaluation"]
     _one_line_error(run_cli(*common, "--mode", "local", "--path_local", "g2l.pth"),
-                    "--path_local", "holds a GLNet", "--mode 4 (local) training")
+                    "--path_local", "holds a GLNet", "--mode 4 training")
     _one_line_error(run_cli(*common, "--mode", "global2local", "--path_g2l", "loc.pth"),
                     "--path_g2l", "holds the local-only network")
