@@ -268,6 +268,30 @@ def test_local_only_prediction_changes_only_under_the_edited_patches():
     assert not (changed & ~inside).any()
 
 
+def test_local_only_tta_has_no_global_output():
+    """--tta on the local-only stage: only the local output. On an image that all 8
+    flips/rotations leave unchanged, each view's scores, undone, are those of the image turned
+    back, so their sum, and the TTA map, is itself unchanged by all 8 (a view left undone
+    would break that)."""
+    torch.manual_seed(4)
+    net = LocalOnly(3).eval()
+    half = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    half = torch.maximum(half, half.transpose(1, 2))  # symmetric about the diagonal
+    image = torch.cat([torch.cat([half, half.flip(2)], 2), torch.cat([half.flip(1), half.flip(1, 2)], 2)], 1)
+    for k in range(4):  # invariant under all 8 flips/rotations
+        assert torch.equal(torch.rot90(image, k, (1, 2)), image)
+        assert torch.equal(torch.rot90(image.flip(2), k, (1, 2)), image)
+    with torch.no_grad():  # each class's mean logit over the image moved to 0: no class everywhere
+        net.fpn_local.classify.bias -= net(image[None].float() / 255).mean((0, 2, 3))
+    tta = inference.predict(helper.STAGES[4], inference.Models(net), inference.ImagePixels(image),
+                            torch.zeros(1, 3, 64, 64), inference.Settings(64, 2, 1, tta=True))
+    assert set(tta) == {"local"} and tta["local"].shape == (64, 64)
+    m = tta["local"]
+    assert len(m.unique()) > 1
+    for k in range(4):
+        assert torch.equal(torch.rot90(m, k), m) and torch.equal(torch.rot90(m.flip(1), k), m)
+
+
 def _images(root, split, n, size, seed):
     """`n` random images with a square of class 1 (and 0 around) of a 2-class data set."""
     rng = np.random.default_rng(seed)
