@@ -59,6 +59,15 @@ def _favour_background(coarse: GLNet, image_global: torch.Tensor, keep: int, tta
     return coarse
 
 
+def _only_background(coarse: GLNet) -> GLNet:
+    """The last conv made constant: class 0 has logit 1, the others 0, at every cell."""
+    with torch.no_grad():
+        coarse.fpn_global.classify.weight.zero_()
+        coarse.fpn_global.classify.bias.zero_()
+        coarse.fpn_global.classify.bias[0] = 1
+    return coarse
+
+
 def _image(h: int, w: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
@@ -124,9 +133,7 @@ def test_no_foreground_gives_class_0_and_no_box(confidence):
     """A coarse model that prefers class 0 everywhere: no box, every row of every output is
     class 0 (confidence 255), and the stage reads no patch."""
     v = image_views(_image(130, 170, seed=5), SIZE_G, SIZE_P)
-    coarse = _random_model(1, plain=True)
-    with torch.no_grad():
-        coarse.fpn_global.classify.bias[0] += 1e4
+    coarse = _only_background(_random_model(1, plain=True))
     pixels = inference.ImagePixels(v["image"])
     stage = helper.STAGES[2]
     settings = inference.Settings(SIZE_P, SUB, 1, confidence=confidence)
@@ -212,10 +219,7 @@ def checkpoints(tmp_path_factory, data):
     with Image.open(_largest(data)) as im:
         image_global = image_views(im, SIZE_G, SIZE_P)["image_global"][None]
     save_state_dict(_favour_background(_random_model(11, 7), image_global, keep=1), str(root / "coarse.pth"))
-    empty = _random_model(12, 7)
-    with torch.no_grad():
-        empty.fpn_global.classify.bias[0] += 1e4
-    save_state_dict(empty, str(root / "empty.pth"))
+    save_state_dict(_only_background(_random_model(12, 7)), str(root / "empty.pth"))
     save_state_dict(_random_model(13, 2), str(root / "two_classes.pth"))
     torch.save({"module.conv.weight": torch.zeros(1)}, root / "other_net.pth")
     return ["--model_path", root, "--path_g", "g.pth", "--path_g2l", "g2l.pth", "--path_l2g", "l2g.pth",
@@ -298,9 +302,11 @@ def test_a_tiff_is_read_only_in_the_box_window(data, checkpoints, tmp_path, monk
     from dataset import raster
 
     pixels = np.array(Image.open(_largest(data))).transpose(2, 0, 1)
+    from rasterio.transform import from_origin
+
+    geo = dict(driver="GTiff", count=3, dtype="uint8", crs="EPSG:32633", transform=from_origin(5e5, 4.2e6, 0.5, 0.5))
     tif = tmp_path / "scene.tif"
-    with rasterio.open(tif, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
-                       dtype="uint8") as dst:
+    with rasterio.open(tif, "w", width=pixels.shape[2], height=pixels.shape[1], **geo) as dst:
         dst.write(pixels)
     reads, file_reads = [], []
     real_read, real_file_read = raster.RasterioSource.read, raster.RasterioSource._read
@@ -321,7 +327,7 @@ def test_a_tiff_is_read_only_in_the_box_window(data, checkpoints, tmp_path, monk
     monkeypatch.undo()
 
     crop = tmp_path / "crop.tif"
-    with rasterio.open(crop, "w", driver="GTiff", width=x1 - x0, height=y1 - y0, count=3, dtype="uint8") as dst:
+    with rasterio.open(crop, "w", width=x1 - x0, height=y1 - y0, **geo) as dst:
         dst.write(pixels[:, y0:y1, x0:x1])
     rc, _, err = run_predict(crop, "--out", tmp_path / "plain", "--mode", 2, "--format", "index", *checkpoints)
     assert rc == 0, err
