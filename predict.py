@@ -9,7 +9,9 @@ the predictions are evaluation's (`--evaluation --predictions_dir` gives the sam
 the same code (inference.py) makes them in bounded memory, patches by rows, each band of
 output rows written as soon as it is final. A bad input is reported in one line and the others are still written; the
 exit status is 0 only if every input was. Under torchrun the inputs are shared out among the
-processes.
+processes. With --coarse_to_fine --path_coarse FILE (docs/MODEL.md section 9) a mode-1 model
+finds the foreground's box, the --mode's checkpoints predict the box's crop (only its window
+of a TIFF is read), class 0 outside; <stem>_box.json says which box.
 
 This file is the command line only; the prediction is inference.py, the image readers
 dataset/raster.py, the writers utils/outputs.py.
