@@ -232,10 +232,17 @@ def _mask(path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", [3])
-def test_evaluation_and_predict_give_the_same_masks_and_boxes(mode, data, checkpoints, cli, tmp_path):
+def test_evaluation_and_predict_give_the_same_masks_and_boxes(mode, data, checkpoints, cli, tmp_path, monkeypatch):
     """--evaluation --coarse_to_fine and predict.py --coarse_to_fine write the same masks and
-    boxes; outside each box every pixel is class 0; the box JSON files say what was found."""
+    boxes; outside each box every pixel is class 0; the box JSON files say what was found, and
+    each overlay has its box drawn."""
     from dataset.classes import class_table
+    from utils import outputs
+
+    drawn = []
+    real_draw = outputs.draw_box
+    monkeypatch.setattr(outputs, "draw_box", lambda image, box, size: drawn.append((list(box), list(size)))
+                        or real_draw(image, box, size))
 
     preds, logs = tmp_path / "eval", tmp_path / "runs"
     rc, out, err = cli("--data_path", data, "--log_path", logs, "--mode", mode, "--evaluation", "--task_name", "c2f",
@@ -258,6 +265,8 @@ def test_evaluation_and_predict_give_the_same_masks_and_boxes(mode, data, checkp
         h, w = index.shape
         assert found["box"] == boxes[id_] and found["image_size"] == [w, h]
         assert (tmp_path / "out" / f"{id_}_sat_overlay.jpg").is_file()
+        if found["box"] is not None:
+            assert (found["box"], [w, h]) in drawn
         outside = np.ones((h, w), dtype=bool)
         if found["box"] is None:
             assert found["coarse_foreground_px"] == 0
@@ -272,6 +281,7 @@ def test_evaluation_and_predict_give_the_same_masks_and_boxes(mode, data, checkp
     mask = np.array(Image.open(tmp_path / "out" / f"{tuned}_sat_mask.png"))
     assert (x1 - x0) * (y1 - y0) < mask.size / 2
     assert len(np.unique(mask[y0:y1, x0:x1])) > 1  # the fine stage ran: the comparison says something
+    assert len(drawn) == sum(box is not None for box in boxes.values())
 
 
 def test_no_foreground_writes_class_0_and_null_boxes(data, checkpoints, cli, tmp_path):
