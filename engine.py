@@ -200,12 +200,22 @@ def save_prediction(pred: torch.Tensor, path: str, classes=None) -> None:
     save_png(path, classes.colorize(pred.to("cpu", torch.uint8).numpy()))
 
 
+@dataclasses.dataclass
+class BoxLog:
+    """Coarse-to-fine evaluation: how its images are predicted (`inference.CoarseToFine`) and
+    the box found in each, by image id ([x0, y0, x1, y1], or None: no foreground)."""
+
+    predictor: inference.CoarseToFine
+    boxes: dict[str, list[int] | None] = dataclasses.field(default_factory=dict)
+
+
 def evaluate(
     model, loader, cfg: helper.Config, frozen=None, predictions_dir: str | None = None,
-    with_labels: bool = True, desc: str = "evaluation",
+    with_labels: bool = True, desc: str = "evaluation", box_log: BoxLog | None = None,
 ) -> tuple[dict[str, ConfusionMatrix], dict[str, Any] | None]:
-    """Predict every image of `loader` with `inference.predict_strips`; return a confusion
-    matrix per output and the first image with its label and predictions (for TensorBoard).
+    """Predict every image of `loader` with `inference.predict_strips` (with `box_log`:
+    coarse-to-fine, each image's box kept in it); return a confusion matrix per output and
+    the first image with its label and predictions (for TensorBoard).
 
     Without TTA an image's predictions come as bands of rows, each counted in the confusion
     matrices as soon as it is final: no score canvas of the whole image is held. Whole class
@@ -215,6 +225,7 @@ def evaluate(
     if frozen is not None:
         frozen.eval()
     models = inference.Models(model, frozen)
+    predictor = inference.WholeImage() if box_log is None else box_log.predictor
     settings = inference.Settings.for_device(cfg.device, cfg.size_p, cfg.sub_batch, tta=cfg.tta)
     cms = cfg.confusion_matrices()
     if cfg.n_class == 2:  # binary tables: the ISIC challenge's score too, image by image
@@ -227,7 +238,9 @@ def evaluate(
     for batch in bar:
         for b in range(len(batch["image"])):
             keep = cfg.stage.outputs if example is None else (cfg.stage.main_output,) if predictions_dir else ()
-            maps = _score_image(cfg, models, settings, batch, b, cms if with_labels else None, keep)
+            maps, found = _score_image(cfg, models, settings, predictor, batch, b, cms if with_labels else None, keep)
+            if box_log is not None:
+                box_log.boxes[batch["id"][b]] = None if found.box is None else list(found.box)
             if predictions_dir:
                 path = os.path.join(predictions_dir, f"{batch['id'][b]}_mask.png")
                 save_prediction(maps[cfg.stage.main_output], path, cfg.classes)
@@ -238,12 +251,14 @@ def evaluate(
     return cms, example
 
 
-def _score_image(cfg: helper.Config, models: inference.Models, settings: inference.Settings, batch: dict[str, Any],
-                 b: int, cms: dict[str, ConfusionMatrix] | None, keep) -> dict[str, torch.Tensor]:
-    """Image `b` of `batch` through `inference.predict_strips`: each strip of rows counted in
-    `cms` (if given) against the label's same rows; returns the whole (H, W) uint8 class maps
-    (on the CPU) of the outputs in `keep`. Matrices that keep a per-image score (the challenge
-    score) get the image's own matrix, added once the image is done."""
+def _score_image(cfg: helper.Config, models: inference.Models, settings: inference.Settings, predictor,
+                 batch: dict[str, Any], b: int, cms: dict[str, ConfusionMatrix] | None,
+                 keep) -> tuple[dict[str, torch.Tensor], inference.CoarseBox | None]:
+    """Image `b` of `batch` through `predictor` (`inference.WholeImage` or `CoarseToFine`):
+    each strip of rows counted in `cms` (if given) against the label's same rows; returns the
+    whole (H, W) uint8 class maps (on the CPU) of the outputs in `keep`, and the coarse box.
+    Matrices that keep a per-image score (the challenge score) get the image's own matrix,
+    added once the image is done."""
     device = cfg.device
     h, w = batch["size"][b]
     pixels = inference.ImagePixels(batch["image"][b].to(device, non_blocking=True))
@@ -253,7 +268,8 @@ def _score_image(cfg: helper.Config, models: inference.Models, settings: inferen
     per_image = {name: ConfusionMatrix(cm.n_class, device, cm.miou_classes) for name, cm in (cms or {}).items()
                  if cm.challenge is not None}
     with helper.autocast(device, cfg.amp):
-        for strip in inference.predict_strips(cfg.stage, models, pixels, image_global, (h, w), settings, cfg.stage.outputs):
+        prediction = predictor.predict(cfg.stage, models, pixels, image_global, (h, w), settings, cfg.stage.outputs)
+        for strip in prediction.strips:
             rows = slice(strip.top, strip.top + strip.classes.shape[0])
             if label is not None:
                 per_image.get(strip.output, cms[strip.output]).update(label[rows], strip.classes)
@@ -261,7 +277,7 @@ def _score_image(cfg: helper.Config, models: inference.Models, settings: inferen
                 maps[strip.output][rows] = strip.classes.to("cpu", torch.uint8)
     for name, image in per_image.items():
         cms[name].add_image(image)
-    return maps
+    return maps, prediction.coarse
 
 
 def _example(batch, b: int, maps: dict[str, torch.Tensor], with_labels: bool) -> dict[str, Any]:
@@ -326,20 +342,29 @@ def evaluate_shared(model, ds, args, cfg: helper.Config, frozen, procs: Processe
     return cms, example
 
 
-def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes = SINGLE) -> int:
-    """Predict one split (`ds`); score it when it has labels: table, <task>.<split>.metrics.json."""
+def run_evaluation(args, cfg: helper.Config, model, frozen, ds, procs: Processes = SINGLE,
+                   coarse_to_fine: inference.CoarseToFine | None = None) -> int:
+    """Predict one split (`ds`); score it when it has labels: table, <task>.<split>.metrics.json.
+    With `coarse_to_fine`, each image's box goes to <task>.<split>.boxes.json."""
     split = args.split
     t0 = time.time()
+    box_log = None if coarse_to_fine is None else BoxLog(coarse_to_fine)
     cms, _ = evaluate_shared(
-        model, ds, args, cfg, frozen, procs,
+        model, ds, args, cfg, frozen, procs, box_log=box_log,
         predictions_dir=args.predictions_dir, with_labels=ds.labels, desc=f"{split} ({len(ds)} images)",
     )
+    boxes = None if box_log is None else dist.merge_dicts(procs, box_log.boxes)
     if not procs.main:
         return 0
     elapsed = time.time() - t0
     print(f"{split}: {len(ds)} images in {elapsed:.2f} s ({elapsed / len(ds):.2f} s/image)")
     if args.predictions_dir:
         print(f"predictions: {args.predictions_dir}")
+    if boxes is not None:
+        path = RunFiles.of(args).boxes(split)
+        write_json(path, dict(sorted(boxes.items())))
+        found = sum(box is not None for box in boxes.values())
+        print(f"boxes: {path} (foreground found in {found} of {len(boxes)} images)")
     if not ds.labels:
         return 0
     results = metrics_dict(cms, cfg.classes)

@@ -13,21 +13,27 @@
   without TTA and predict.py). Both sum the same logits in the same order: the same scores.
 - `tta_class_maps` wraps any function (image, global image) -> Scores: the 8 flips/rotations,
   each undone, the scores summed (section 7).
+- How an image is predicted is a plain object with one method, `predict` (-> `Prediction`):
+  `WholeImage` (the stage on the whole image, `predict_strips`) or `CoarseToFine` (section 9:
+  a mode-1 model's foreground box, the stage on the box's crop, class 0 elsewhere).
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
+from dataset.deep_globe import image_views
 from models.glnet import (
     FreeMaps, GLNet, LocalCanvases, ensemble_local_half, ensemble_with_global,
 )
+from utils.boxes import Box, relax_box, tight_box
 from utils.geometry import PatchGrid, add_patch_scores, coverage_counts, crop_global, resized_coverage
 
 STRIP_ROWS = 256  # rows per strip of the global output
@@ -67,8 +73,10 @@ class ImagePixels:
     """The patches of a decoded image: uint8 (3, H, W) on the device, already padded to at
     least a patch per side (`dataset.deep_globe.image_views`). `patches_read` counts them."""
 
+    faithful = True  # (its global view is evaluation's: see SourcePixels)
+
     def __init__(self, image: torch.Tensor) -> None:
-        self.image = image
+        self.image, self.device = image, image.device
         self.shape = tuple(image.shape[-2:])
         self.patches_read = 0
 
@@ -80,6 +88,15 @@ class ImagePixels:
     def whole(self) -> torch.Tensor:
         return self.image
 
+    def crop(self, box: Box, size_g: int, size_p: int, view: str) -> tuple["ImagePixels", torch.Tensor]:
+        """The pixels of `box` (inside the unpadded image) as an image of the box's size, and
+        its global view (1, 3, h, w): `dataset.deep_globe.image_views` of the crop, as
+        evaluation makes them of an image."""
+        x0, y0, x1, y1 = box
+        crop = self.image[:, y0:y1, x0:x1].permute(1, 2, 0).cpu().numpy()
+        views = image_views(Image.fromarray(crop), size_g, size_p, view)
+        return ImagePixels(views["image"].to(self.device)), views["image_global"][None].to(self.device)
+
 
 class SourcePixels:
     """The patches of an `ImageSource` (predict.py), read a row of patches at a time (only
@@ -89,6 +106,7 @@ class SourcePixels:
     def __init__(self, source, size_p: int, device: torch.device, desc: str | None = None) -> None:
         self.source, self.device, self.desc = source, device, desc
         self.shape = (max(source.height, size_p), max(source.width, size_p))
+        self.faithful = source.faithful  # its global view is evaluation's
         self.patches_read = 0
 
     def batches(self, grid: PatchGrid, sub_batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -113,6 +131,12 @@ class SourcePixels:
     def whole(self) -> torch.Tensor:
         """The padded image (3, H, W) uint8 on the device (--tta needs it whole)."""
         return torch.from_numpy(self.source.read(0, 0, *self.shape)).to(self.device)
+
+    def crop(self, box: Box, size_g: int, size_p: int, view: str) -> tuple["SourcePixels", torch.Tensor]:
+        """The pixels of `box` as an image of the box's size (`ImageSource.window`: only the
+        box's window of the file is read), and its global view (1, 3, h, w)."""
+        window = self.source.window(box, size_g, size_p, view)
+        return SourcePixels(window, size_p, self.device, self.desc), window.image_global[None].to(self.device)
 
 
 class Inputs(NamedTuple):
@@ -583,3 +607,122 @@ def predict_strips(
     for part in stage.scores(models, inputs, settings):
         yield from sink.add(part)
     yield from sink.close()
+
+
+# ----------------------------------------------------------------------------- how an image is predicted
+
+class CoarseBox(NamedTuple):
+    """What the coarse pass of `CoarseToFine` found: the box the fine stage ran on (None: no
+    foreground, the whole image is class 0) and the coarse foreground's pixel count A."""
+
+    box: Box | None
+    foreground: int
+
+
+class Prediction(NamedTuple):
+    """One image's prediction: its `Strip`s (each output's from top to bottom, the outputs'
+    interleaved), made as they are read; and, with coarse-to-fine, the box (None otherwise)."""
+
+    strips: Iterator[Strip]
+    coarse: CoarseBox | None = None
+
+
+class WholeImage:
+    """Plain inference: the stage on the whole image (`predict_strips`)."""
+
+    def predict(self, stage, models: Models, pixels: ImagePixels | SourcePixels, image_global: torch.Tensor,
+                size: Sequence[int], settings: Settings, outputs: Sequence[str]) -> Prediction:
+        return Prediction(predict_strips(stage, models, pixels, image_global, size, settings, outputs))
+
+
+class _Scoring(NamedTuple):
+    """What `predict_strips` reads of a stage: its scoring function."""
+
+    scores: Callable
+
+
+COARSE = _Scoring(score_global)  # the coarse pass: mode 1's scoring, the global view alone
+
+
+@torch.no_grad()
+def coarse_box(coarse: GLNet, pixels: ImagePixels | SourcePixels, image_global: torch.Tensor, size: Sequence[int],
+               settings: Settings) -> CoarseBox:
+    """The coarse pass of section 9: `coarse` (a mode-1 model) predicts the whole image as
+    mode-1 evaluation does (its logits resized to the image, argmax; with settings.tta over
+    the 8 views), and the foreground (every class but 0) gives the box of
+    `utils.boxes.foreground_box`. The class map is read as strips of rows: only the tight
+    box of each strip's foreground and their count are kept, never the whole mask."""
+    height, width = size
+    tight, area = None, 0
+    plain = replace(settings, confidence=False)
+    for strip in predict_strips(COARSE, Models(coarse), pixels, image_global, size, plain, ("global",)):
+        part, n = tight_box(strip.classes != 0)
+        if part is None:
+            continue
+        part = Box(part.x0, part.y0 + strip.top, part.x1, part.y1 + strip.top)
+        tight = part if tight is None else Box(min(tight.x0, part.x0), min(tight.y0, part.y0),
+                                               max(tight.x1, part.x1), max(tight.y1, part.y1))
+        area += n
+    if tight is None:
+        return CoarseBox(None, 0)
+    return CoarseBox(relax_box(tight, area, (width, height), settings.size_p), area)
+
+
+def _background(output: str, top: int, bottom: int, width: int, confidence: bool,
+                device: torch.device) -> Iterator[Strip]:
+    """Rows top .. bottom of class 0 (confidence 255: class 0 by the rule), STRIP_ROWS at a time."""
+    for start in range(top, bottom, STRIP_ROWS):
+        n = min(STRIP_ROWS, bottom - start)
+        conf = torch.full((n, width), 255, dtype=torch.uint8, device=device) if confidence else None
+        yield Strip(output, start, torch.zeros((n, width), dtype=torch.int64, device=device), conf)
+
+
+def _placed(strip: Strip, box: Box, width: int) -> Strip:
+    """A strip of the box's crop as the same rows of the whole image: class 0 (confidence 255)
+    left and right of the box."""
+    n, device = strip.classes.shape[0], strip.classes.device
+    classes = torch.zeros((n, width), dtype=strip.classes.dtype, device=device)
+    classes[:, box.x0 : box.x1] = strip.classes
+    conf = None
+    if strip.confidence is not None:
+        conf = torch.full((n, width), 255, dtype=torch.uint8, device=device)
+        conf[:, box.x0 : box.x1] = strip.confidence
+    return Strip(strip.output, box.y0 + strip.top, classes, conf)
+
+
+@dataclass(frozen=True)
+class CoarseToFine:
+    """The coarse-to-fine GLNet (docs/MODEL.md section 9) around any stage: `coarse_box` with
+    the mode-1 model `coarse`; the stage then predicts the box's crop of the full-resolution
+    image exactly as it would an image of that size (its pixels read from the box alone, its
+    own global view: `size_g` and `global_view` as the run's); outside the box, class 0. No
+    foreground: the whole image is class 0 and the stage does not run."""
+
+    coarse: GLNet
+    size_g: int
+    global_view: str = "square"
+
+    def predict(self, stage, models: Models, pixels: ImagePixels | SourcePixels, image_global: torch.Tensor,
+                size: Sequence[int], settings: Settings, outputs: Sequence[str]) -> Prediction:
+        """The box is found at once; the strips are made as they are read."""
+        found = coarse_box(self.coarse, pixels, image_global, size, settings)
+        return Prediction(self._strips(stage, models, pixels, size, settings, outputs, found.box), found)
+
+    def _strips(self, stage, models: Models, pixels: ImagePixels | SourcePixels, size: Sequence[int],
+                settings: Settings, outputs: Sequence[str], box: Box | None) -> Iterator[Strip]:
+        height, width = size
+        device = pixels.device
+        if box is None:
+            for name in outputs:
+                yield from _background(name, 0, height, width, settings.confidence, device)
+            return
+        crop, crop_global = pixels.crop(box, self.size_g, settings.size_p, self.global_view)
+        # the crop's coverage template as predict.py would make it for a file of the crop's size
+        fine = replace(settings, exact_coverage=settings.exact_coverage or crop.faithful)
+        for name in outputs:
+            yield from _background(name, 0, box.y0, width, settings.confidence, device)
+        for strip in predict_strips(stage, models, crop, crop_global, (box.height, box.width), fine, outputs):
+            yield _placed(strip, box, width)
+            if strip.top + strip.classes.shape[0] == box.height:  # the output's last rows of the box
+                yield from _background(strip.output, box.y1, height, width, settings.confidence, device)
+        pixels.patches_read += crop.patches_read

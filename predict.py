@@ -9,7 +9,9 @@ the predictions are evaluation's (`--evaluation --predictions_dir` gives the sam
 the same code (inference.py) makes them in bounded memory, patches by rows, each band of
 output rows written as soon as it is final. A bad input is reported in one line and the others are still written; the
 exit status is 0 only if every input was. Under torchrun the inputs are shared out among the
-processes.
+processes. With --coarse_to_fine --path_coarse FILE (docs/MODEL.md section 9) a mode-1 model
+finds the foreground's box, the --mode's checkpoints predict the box's crop (only its window
+of a TIFF is read), class 0 outside; <stem>_box.json says which box.
 
 This file is the command line only; the prediction is inference.py, the image readers
 dataset/raster.py, the writers utils/outputs.py.
@@ -58,6 +60,11 @@ def get_parser() -> argparse.ArgumentParser:
     a("--global_view", choices=("square", "aspect"), default="square", help="the global view the checkpoints were "
       "trained with: square (size_g x size_g, the original) or aspect (long side size_g, the aspect kept)")
     a("--tta", action="store_true", help="sum scores over the 8 flips/rotations (holds the whole image's scores: memory grows with the image)")
+    a("--coarse_to_fine", action="store_true", help="the coarse-to-fine GLNet (docs/MODEL.md section 9): the "
+      "--path_coarse model's foreground box, the --mode's checkpoints on the box's crop (only its window of a TIFF "
+      "is read), class 0 outside it; also writes <stem>_box.json")
+    a("--path_coarse", default=None, help="with --coarse_to_fine: the mode-1 checkpoint (trained on whole images) "
+      "that finds the foreground box")
     a("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32, as evaluation)")
     a("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     a("--bands", default=None, help="three 1-based bands of a multispectral TIFF to use as RGB, e.g. 3,2,1")
@@ -168,17 +175,24 @@ def find_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build(args, device):
-    """The model (and for mode 3 the frozen global model) from the checkpoints, as evaluation."""
+    """The stage, its models (the model and for mode 3 the frozen global model) from the
+    checkpoints, as evaluation, and how each image is predicted: whole, or coarse-to-fine
+    with the --path_coarse model."""
+    import inference
     from helper import STAGES
     from models import build as builder
 
     stage = STAGES[args.mode]
     ns = argparse.Namespace(**vars(args), evaluation=True, seed=0)
     builder.check_checkpoints_exist(ns, stage, resuming=False, stages=STAGES.values())
+    builder.check_coarse(args)
     model, frozen = builder.build_models(ns, stage, device, stages=STAGES.values())
-    builder.tune_for_device((model, frozen), device)
+    coarse = builder.build_coarse(args, device) if args.coarse_to_fine else None
+    builder.tune_for_device((model, frozen, coarse), device)
     model.eval()
-    return stage, model, frozen
+    if coarse is None:
+        return stage, inference.Models(model, frozen), inference.WholeImage()
+    return stage, inference.Models(model, frozen), inference.CoarseToFine(coarse, args.size_g, args.global_view)
 
 
 def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int, view: str) -> None:
@@ -200,21 +214,19 @@ def check_geometry(path: str, height: int, width: int, size_g: int, size_p: int,
             )
 
 
-def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[str]) -> str:
-    """Predict `path` and write its outputs; returns the summary line. `inputs`: the real
-    paths of all inputs, which no output may replace."""
-    import torch
-
-    import helper
-    import inference
+def predict_one(path, args, stage, models, predictor, device, classes, inputs: set[str]) -> str:
+    """Predict `path` with `predictor` (inference.WholeImage or CoarseToFine) and write its
+    outputs; returns the summary line. `inputs`: the real paths of all inputs, which no output
+    may replace."""
     from utils import outputs
     from dataset.raster import image_size, open_image
 
     start = time.perf_counter()
     stem = os.path.splitext(os.path.basename(path))[0]
     paths = outputs.output_paths(args.out, stem, args.format)
-    for p in paths.values():
-        if os.path.realpath(p) in inputs:
+    box_path = os.path.join(args.out, stem + outputs.BOX_SUFFIX) if args.coarse_to_fine else None
+    for p in [*paths.values(), box_path]:
+        if p is not None and os.path.realpath(p) in inputs:
             raise UserError(f"{path}: its output {p} would overwrite the input {p}; choose another --out")
     max_side = args.overlay_size if "overlay" in args.format else None
     if not stage.local_only:  # (the local-only network crops no global maps)
@@ -226,41 +238,66 @@ def predict_one(path, args, stage, model, frozen, device, classes, inputs: set[s
         if not src.faithful:
             print(f"note: {path} is above {args.faithful_max_mp:g} MP: its global view is a decimated read "
                   "(not evaluation's PIL resize)", file=sys.stderr)
-        confidence = "confidence" in args.format
-        settings = inference.Settings.for_device(device, args.size_p, args.sub_batch_size, tta=args.tta,
-                                                 confidence=confidence, exact_coverage=src.faithful, spill_dir=args.out)
-        pixels = inference.SourcePixels(src, args.size_p, device, None if args.no_progress else os.path.basename(path))
-        image_global = src.image_global[None].to(device)
         spools = {"classes": outputs.Spool(src.height, src.width, args.out)}
-        if confidence:
+        if "confidence" in args.format:
             spools["confidence"] = outputs.Spool(src.height, src.width, args.out)
         try:
-            with helper.autocast(device, args.amp):
-                for strip in inference.predict_strips(stage, inference.Models(model, frozen), pixels, image_global,
-                                                      (src.height, src.width), settings, (stage.main_output,)):
-                    spools["classes"].write(strip.top, strip.classes.to("cpu", torch.uint8).numpy())
-                    if strip.confidence is not None:
-                        spools["confidence"].write(strip.top, strip.confidence.cpu().numpy())
-            if not spools["classes"].complete:
-                raise RuntimeError(f"{path}: the prediction stopped at row {spools['classes'].rows_written}")
-            palette = classes.palette
-            for fmt, p in paths.items():
-                if fmt == "index":
-                    outputs.write_png(p, spools["classes"])
-                elif fmt == "color":
-                    outputs.write_png(p, spools["classes"], palette)
-                elif fmt == "confidence":
-                    outputs.write_png(p, spools["confidence"])
-                elif fmt == "geotiff":
-                    outputs.write_geotiff(p, spools["classes"], src.georef, palette)
-                elif fmt == "overlay":
-                    outputs.write_overlay(p, spools["classes"], src.thumbnail(args.overlay_size), palette)
+            patches, found = _predict_into(src, args, stage, models, predictor, device, spools)
+            box = None if found is None else found.box
+            _write_outputs(paths, spools, src, args, classes, box)
+            if found is not None:
+                outputs.write_box_json(box_path, box, found.foreground, (src.width, src.height))
         finally:
             for s in spools.values():
                 s.close()
         seconds = time.perf_counter() - start
-        return (f"{path}: {src.width}x{src.height}, {pixels.patches_read} patches, {seconds:.1f} s -> "
-                + ", ".join(os.path.basename(p) for p in paths.values()))
+        written = [*paths.values(), *([box_path] if box_path else [])]
+        where = "" if found is None else f", box {list(box) if box else 'none (no foreground)'}"
+        return (f"{path}: {src.width}x{src.height}, {patches} patches{where}, {seconds:.1f} s -> "
+                + ", ".join(os.path.basename(p) for p in written))
+
+
+def _predict_into(src, args, stage, models, predictor, device, spools):
+    """The main output's strips of `src` into the spools; returns (patches read, the coarse
+    box or None)."""
+    import torch
+
+    import helper
+    import inference
+
+    settings = inference.Settings.for_device(device, args.size_p, args.sub_batch_size, tta=args.tta,
+                                             confidence="confidence" in spools, exact_coverage=src.faithful,
+                                             spill_dir=args.out)
+    pixels = inference.SourcePixels(src, args.size_p, device, None if args.no_progress else os.path.basename(src.path))
+    image_global = src.image_global[None].to(device)
+    with helper.autocast(device, args.amp):
+        prediction = predictor.predict(stage, models, pixels, image_global, (src.height, src.width), settings,
+                                       (stage.main_output,))
+        for strip in prediction.strips:
+            spools["classes"].write(strip.top, strip.classes.to("cpu", torch.uint8).numpy())
+            if strip.confidence is not None:
+                spools["confidence"].write(strip.top, strip.confidence.cpu().numpy())
+    if not spools["classes"].complete:
+        raise RuntimeError(f"{src.path}: the prediction stopped at row {spools['classes'].rows_written}")
+    return pixels.patches_read, prediction.coarse
+
+
+def _write_outputs(paths, spools, src, args, classes, box) -> None:
+    """Each asked-for format, streamed from the spools; `box`: drawn on the overlay."""
+    from utils import outputs
+
+    palette = classes.palette
+    for fmt, p in paths.items():
+        if fmt == "index":
+            outputs.write_png(p, spools["classes"])
+        elif fmt == "color":
+            outputs.write_png(p, spools["classes"], palette)
+        elif fmt == "confidence":
+            outputs.write_png(p, spools["confidence"])
+        elif fmt == "geotiff":
+            outputs.write_geotiff(p, spools["classes"], src.georef, palette)
+        elif fmt == "overlay":
+            outputs.write_overlay(p, spools["classes"], src.thumbnail(args.overlay_size), palette, box=box)
 
 
 def main(args) -> int:
@@ -281,13 +318,13 @@ def main(args) -> int:
     procs = dist.Processes.from_env()
     device = dist.start(procs, get_device(args.device), args.dist_timeout)
     try:
-        stage, model, frozen = build(args, device)
+        stage, models, predictor = build(args, device)
         failed = len(errors) if procs.main else 0
         status = 2 if errors else 0
         inputs = {os.path.realpath(f) for f in files}
         for path in files[procs.rank :: procs.world]:
             try:
-                print(predict_one(path, args, stage, model, frozen, device, classes, inputs), flush=True)
+                print(predict_one(path, args, stage, models, predictor, device, classes, inputs), flush=True)
             except UserError as e:
                 print(f"error: {error_message(e)}", file=sys.stderr)
                 failed, status = failed + 1, max(status, 2)

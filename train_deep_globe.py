@@ -82,6 +82,11 @@ def get_parser() -> argparse.ArgumentParser:
     a("--split", choices=("crossvali", "test", "train"), default="crossvali", help="the split --evaluation predicts, and scores when it has a Label/ folder (the paper's figures are on test)")
     a("--test", action="store_true", help="predict data_path/test into --predictions_dir without scoring it (as --evaluation --split test on unlabelled data)")
     a("--tta", action="store_true", help="test-time augmentation: sum scores over the 8 flips/rotations")
+    a("--coarse_to_fine", action="store_true", help="evaluation: the coarse-to-fine GLNet (docs/MODEL.md section 9): "
+      "the --path_coarse model's foreground box, the --mode's checkpoints on the box's crop, class 0 outside it; "
+      "the boxes go to <log_path>/<task_name>.<split>.boxes.json")
+    a("--path_coarse", type=str, default=None, help="with --coarse_to_fine: the mode-1 checkpoint (trained on whole "
+      "images) that finds the foreground box")
     a("--backbone_weights", type=str, default="imagenet", help="ResNet-50 init for training: imagenet, none, or a state-dict file")
     a("--resume", action="store_true", help="continue an interrupted training run from <model_path>/<task_name>.resume.pth")
     a("--no_progress", action="store_true", help="no progress bars")
@@ -115,6 +120,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         f"{'--test' if args.test else '--predictions_dir'}")
     if args.resume and args.evaluation:
         raise UserError("--resume continues a training run; leave it out with --evaluation/--test")
+    if args.coarse_to_fine and not args.evaluation:
+        raise UserError("--coarse_to_fine predicts with --evaluation/--test (or predict.py); leave it out for training")
+    if args.coarse_to_fine and args.crop_foreground:
+        raise UserError("--crop_foreground (boxes of the labels) and --coarse_to_fine (boxes of the coarse model's "
+                        "prediction) exclude each other; leave one out")
     for name in ("size_g", "size_p"):
         v = getattr(args, name)
         if v <= 0 or v % 4:
@@ -185,6 +195,7 @@ def _run(args, explicit, argv, procs, device) -> int:
 
     import engine
     import helper
+    import inference
     from models import build
     from utils import run
     from utils.io import write_json
@@ -206,6 +217,8 @@ def _run(args, explicit, argv, procs, device) -> int:
     if args.predictions_dir:
         ensure_writable_dir(args.predictions_dir, "--predictions_dir")
     build.check_checkpoints_exist(args, stage, resuming=state is not None, stages=helper.STAGES.values())
+    if args.evaluation:
+        build.check_coarse(args)
     if not args.evaluation and state is None and stage.backbones:
         build.check_backbone_weights(args.backbone_weights)
     settings = dict(vars(args), device=str(device), processes=procs.world, global_batch_size=args.batch_size * procs.world)
@@ -217,12 +230,14 @@ def _run(args, explicit, argv, procs, device) -> int:
         if device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors in training
             raise UserError("--sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU); leave it out")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    build.tune_for_device((model, frozen), device, args.compile)
+    coarse = build.build_coarse(args, device) if args.evaluation and args.coarse_to_fine else None
+    build.tune_for_device((model, frozen, coarse), device, args.compile)
     cfg = config_from_args(args, device)
     if not procs.main:
         cfg = dataclasses.replace(cfg, progress=False)
     if args.evaluation:
-        return engine.run_evaluation(args, cfg, model, frozen, next(iter(datasets.values())), procs)
+        c2f = None if coarse is None else inference.CoarseToFine(coarse, args.size_g, args.global_view)
+        return engine.run_evaluation(args, cfg, model, frozen, next(iter(datasets.values())), procs, c2f)
     command = run.resume_command(__file__, argv)
     return engine.Trainer(args, cfg, model, frozen, datasets, command, procs).run(state)
 

@@ -74,6 +74,21 @@ class ImageSource:
         """The whole image (3, H, W) uint8 (for --tta, which needs it)."""
         return self.read(0, 0, self.height, self.width)
 
+    def window(self, box, size_g: int, size_p: int, view: str = "square") -> "WindowSource":
+        """The box (x0, y0, x1, y1) of this image as an image of its own (coarse-to-fine:
+        docs/MODEL.md section 9), with the global view such an image would get."""
+        return WindowSource(self, box, size_g, size_p, view)
+
+    def window_faithful(self, height: int, width: int) -> bool:
+        """Whether a window of that size gets evaluation's global view (`window_global`)."""
+        return True
+
+    def window_global(self, box, size_g: int, size_p: int, view: str) -> torch.Tensor:
+        """The global view of the box's pixels: read whole, then evaluation's PIL resize."""
+        x0, y0, x1, y1 = box
+        image = Image.fromarray(self.read(y0, x0, y1 - y0, x1 - x0).transpose(1, 2, 0))
+        return global_view_of(image, size_g, size_p, view)
+
     def close(self) -> None:
         pass
 
@@ -82,6 +97,28 @@ class ImageSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WindowSource(ImageSource):
+    """The box (x0, y0, x1, y1) of another source (inside it), read through it: `read` gives
+    the box's pixels, zero past the box's right and bottom borders (not the image's), so the
+    box is an image of its own; nothing outside it is read."""
+
+    def __init__(self, parent: ImageSource, box, size_g: int, size_p: int, view: str = "square") -> None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        if not (0 <= x0 < x1 <= parent.width and 0 <= y0 < y1 <= parent.height):
+            raise ValueError(f"box {tuple(box)} is not inside the {parent.width}x{parent.height} image")
+        self.parent, self.left, self.top = parent, x0, y0
+        self.path, self.height, self.width = parent.path, y1 - y0, x1 - x0
+        self.faithful = parent.window_faithful(self.height, self.width)
+        self.image_global = parent.window_global((x0, y0, x1, y1), size_g, size_p, view)
+
+    def read(self, top, left, h, w):
+        out = np.zeros((3, h, w), dtype=np.uint8)
+        hh, ww = min(h, self.height - top), min(w, self.width - left)
+        if hh > 0 and ww > 0:
+            out[:, :hh, :ww] = self.parent.read(self.top + top, self.left + left, hh, ww)
+        return out
 
 
 def thumb_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -140,7 +177,7 @@ class RasterioSource(ImageSource):
         import rasterio
         from rasterio.errors import RasterioIOError
 
-        self.path = path
+        self.path, self.max_pixels = path, max_pixels
         self.ds = None
         try:
             with warnings.catch_warnings():  # no georeference: predict.py says so in its own words
@@ -230,6 +267,22 @@ class RasterioSource(ImageSource):
         # (no padding: an image above FAITHFUL_MAX_PIXELS is larger than any patch)
         shape = global_size(self.height, self.width, size_g, view)
         small = self._read(out_shape=shape, resampling=Resampling.average)
+        return torch.from_numpy(np.ascontiguousarray(small)).float().div(255)
+
+    def window_faithful(self, height: int, width: int) -> bool:
+        return height * width <= self.max_pixels
+
+    def window_global(self, box, size_g: int, size_p: int, view: str) -> torch.Tensor:
+        """As `_make_global` for an image of the box's size: up to max_pixels the box read
+        whole and PIL's resize, above it a decimated read of the box's window."""
+        x0, y0, x1, y1 = box
+        if self.window_faithful(y1 - y0, x1 - x0):
+            return super().window_global(box, size_g, size_p, view)
+        from rasterio.enums import Resampling
+        from rasterio.windows import Window
+
+        shape = global_size(y1 - y0, x1 - x0, size_g, view)
+        small = self._read(Window(x0, y0, x1 - x0, y1 - y0), out_shape=shape, resampling=Resampling.average)
         return torch.from_numpy(np.ascontiguousarray(small)).float().div(255)
 
     def thumbnail(self, max_side):

@@ -128,6 +128,35 @@ def build_frozen(args, stage, device: torch.device, stages: Iterable = ()) -> GL
     return frozen.to(device)
 
 
+COARSE_HINT = ("--path_coarse should name a --mode 1 checkpoint (the global branch trained on whole images) of "
+               "--n_class classes; --path_* are relative to --model_path")
+
+
+def check_coarse(args) -> None:
+    """Coarse-to-fine (docs/MODEL.md section 9): --coarse_to_fine needs --path_coarse, and
+    --path_coarse is read only with it; its file must exist."""
+    if args.coarse_to_fine and not args.path_coarse:
+        raise UserError("--coarse_to_fine needs --path_coarse FILE: the mode-1 checkpoint whose foreground box the "
+                        "fine stage predicts (relative to --model_path)")
+    if args.path_coarse and not args.coarse_to_fine:
+        raise UserError("--path_coarse is read only with --coarse_to_fine: add it, or leave --path_coarse out")
+    if args.coarse_to_fine and not os.path.isfile(checkpoint_path(args, "path_coarse")):
+        raise UserError(f"--path_coarse: checkpoint not found: {checkpoint_path(args, 'path_coarse')}; {COARSE_HINT}")
+
+
+def build_coarse(args, device: torch.device) -> GLNet:
+    """The coarse model of --coarse_to_fine: --path_coarse loaded as mode-1 evaluation loads
+    --path_g (the plain global network, on the meta device, the file's tensors assigned)."""
+    with torch.device("meta"):
+        coarse = GLNet(args.n_class, local=False, context=False)
+    try:
+        load_checkpoint(coarse, checkpoint_path(args, "path_coarse"), all_keys, assign=True)
+    except UserError as e:
+        raise UserError(f"--path_coarse: {e}; {COARSE_HINT}") from e
+    coarse.requires_grad_(False)
+    return coarse.to(device).eval()
+
+
 def tune_for_device(models, device: torch.device, compile_: bool = False, compile_backend: str = "inductor") -> None:
     """On CUDA, weights in channels_last (NHWC), the layout in which cuDNN's convolutions
     are fastest; with --compile, torch.compile the ResNets and the global FPN in place

@@ -131,6 +131,7 @@ def test_crop_foreground_refusals_are_one_line(cli, boxed, tmp_path):
               "--device", "cpu", "--size_g", 64, "--size_p", 64, "--mode", "local", "--crop_foreground"]
     _one_line_error(cli(*common, "--test", "--predictions_dir", tmp_path / "p"), "--crop_foreground", "--test")
     _one_line_error(cli(*common, "--evaluation", "--predictions_dir", tmp_path / "p"), "--predictions_dir")
+    _one_line_error(cli(*common, "--evaluation", "--coarse_to_fine"), "--crop_foreground", "--coarse_to_fine")
 
 
 # ----------------------------------------------------------------------------- the challenge score

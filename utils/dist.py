@@ -110,6 +110,16 @@ def sum_(procs: Processes, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def merge_dicts(procs: Processes, part: dict) -> dict:
+    """The union of every process's dict (keys taken by one process each, e.g. image ids),
+    on every process; in one process, `part` itself."""
+    if not procs.active:
+        return part
+    parts: list = [None] * procs.world
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
 def shard(procs: Processes, dataset: Dataset) -> Dataset:
     """Images rank, rank + world, ... of `dataset`: every image to exactly one process (no
     padding, unlike DistributedSampler: evaluation counts each pixel once)."""

@@ -12,6 +12,9 @@ of rows, every file atomically (a temp name next to it, renamed when complete):
     confidence  <stem>_confidence.png  top-1 probability x 255
 
 PNGs are streamed row by row with pypng; GeoTIFFs with rasterio windows.
+
+With --coarse_to_fine (docs/MODEL.md section 9) each image also gets <stem>_box.json (the
+box the fine stage predicted: `write_box_json`), and the overlay draws that box.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from utils.errors import UserError
-from utils.io import atomic_write, save_image, temp_name
+from utils.io import atomic_write, save_image, temp_name, write_json
 
 FORMATS = ("index", "color", "overlay", "geotiff", "confidence")
 SUFFIXES = {
@@ -33,6 +36,8 @@ SUFFIXES = {
     "geotiff": "_mask.tif",
     "confidence": "_confidence.png",
 }
+BOX_SUFFIX = "_box.json"
+BOX_COLOUR = (255, 255, 0)  # the box's outline on the overlay
 PNG_MAX_SIDE = 2**31 - 1
 BAND_ROWS = 256  # rows read back from a spool at a time (and the GeoTIFF block size)
 
@@ -125,12 +130,44 @@ def write_geotiff(path: str, spool: Spool, georef, palette: np.ndarray) -> None:
         raise
 
 
-def write_overlay(path: str, spool: Spool, thumbnail: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> None:
-    """The thumbnail (h, w, 3) blended with the class colours sampled at its size, as JPEG."""
+def write_overlay(path: str, spool: Spool, thumbnail: np.ndarray, palette: np.ndarray, alpha: float = 0.5,
+                  box: tuple[int, int, int, int] | None = None) -> None:
+    """The thumbnail (h, w, 3) blended with the class colours sampled at its size, as JPEG;
+    `box` (x0, y0, x1, y1 in pixels of the image), if given, drawn on it (`draw_box`)."""
     h, w = thumbnail.shape[:2]
     classes = spool.sample(h, w)
     colours = np.zeros((h, w, 3), dtype=np.uint8)
     valid = classes < len(palette)
     colours[valid] = palette[classes[valid]]
     blend = thumbnail.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-    save_image(path, np.clip(blend.round(), 0, 255).astype(np.uint8), "JPEG", quality=90)
+    image = np.clip(blend.round(), 0, 255).astype(np.uint8)
+    if box is not None:
+        draw_box(image, box, (spool.width, spool.height))
+    save_image(path, image, "JPEG", quality=90)
+
+
+def draw_box(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int],
+             colour: tuple[int, int, int] = BOX_COLOUR) -> None:
+    """Draw in place the outline of `box` (x0, y0, x1, y1, x1 and y1 exclusive, in pixels of
+    an image of `size` (width, height)) on `image` (h, w, 3), a resized copy of that image:
+    the outline follows the box's edges scaled to `image`, about 1/256 of its long side thick
+    (at least 1 pixel), inside the box."""
+    h, w = image.shape[:2]
+    width, height = size
+    x0, x1 = (min(w, max(0, round(v * w / width))) for v in box[0::2])
+    y0, y1 = (min(h, max(0, round(v * h / height))) for v in box[1::2])
+    x1, y1 = max(x1, min(x0 + 1, w)), max(y1, min(y0 + 1, h))  # a box of under a pixel keeps one
+    t = max(1, max(h, w) // 256)
+    image[y0 : min(y0 + t, y1), x0:x1] = colour
+    image[max(y1 - t, y0) : y1, x0:x1] = colour
+    image[y0:y1, x0 : min(x0 + t, x1)] = colour
+    image[y0:y1, max(x1 - t, x0) : x1] = colour
+
+
+def write_box_json(path: str, box: tuple[int, int, int, int] | None, foreground: int,
+                   size: tuple[int, int]) -> None:
+    """<stem>_box.json: {"box": [x0, y0, x1, y1] (pixels of the image, x1 and y1 exclusive)
+    or null (no foreground), "coarse_foreground_px": the coarse foreground's pixel count,
+    "image_size": [width, height]}, written atomically."""
+    write_json(path, {"box": None if box is None else [int(v) for v in box],
+                      "coarse_foreground_px": int(foreground), "image_size": [int(v) for v in size]})

@@ -36,8 +36,8 @@ RESUME_KEYS = {"model", "optimizer", "epoch", "best", "args"}
 
 class RunFiles:
     """Where a run's files go: <model_path>/<task>.pth (last epoch), .best.pth, .resume.pth,
-    and <log_path>/<task>/ (TensorBoard), <task>.log, <task>.<kind>.args.json, and per scored
-    split <task>.<split>.metrics.json."""
+    and <log_path>/<task>/ (TensorBoard), <task>.log, <task>.<kind>.args.json, per scored
+    split <task>.<split>.metrics.json and, coarse-to-fine, <task>.<split>.boxes.json."""
 
     def __init__(self, model_path: str, log_path: str, task_name: str) -> None:
         self.model_path, self.log_path, self.task = model_path, log_path, task_name
@@ -53,6 +53,10 @@ class RunFiles:
 
     def metrics(self, split: str) -> str:
         return os.path.join(self.log_path, f"{self.task}.{split}.metrics.json")
+
+    def boxes(self, split: str) -> str:
+        """Coarse-to-fine evaluation: the box of each image of the split."""
+        return os.path.join(self.log_path, f"{self.task}.{split}.boxes.json")
 
     def args_json(self, kind: str) -> str:
         return os.path.join(self.log_path, f"{self.task}.{kind}.args.json")
