@@ -397,3 +397,31 @@ def test_wrong_stage_checkpoints_are_one_line(local_run, tmp_path):
                     "--path_local", "holds a GLNet", "--mode 4 training")
     _one_line_error(run_cli(*common, "--mode", "global2local", "--path_g2l", "loc.pth"),
                     "--path_g2l", "holds the local-only network")
+
+
+def test_local_only_runs_coarse_to_fine():
+    """--mode local under --coarse_to_fine: inside the coarse box the local-only prediction of
+    the cropped image, class 0 outside (the local-only network reads no global view)."""
+    from dataset.deep_globe import image_views
+    from test_coarse_to_fine import SIZE_G, SIZE_P, SUB, _collect, _favour_background, _image, _plain_maps, _random_model
+    from utils.boxes import foreground_box
+
+    size = (150, 211)
+    image = _image(*size, seed=7)
+    v = image_views(image, SIZE_G, SIZE_P)
+    coarse = _favour_background(_random_model(1, plain=True), v["image_global"][None], keep=1)
+    torch.manual_seed(5)
+    net = LocalOnly(3).eval()
+    with torch.no_grad():  # each class's mean logit over a patch moved to 0: no class everywhere
+        net.fpn_local.classify.bias -= net(v["image"][None, :, :SIZE_P, :SIZE_P].float() / 255).mean((0, 2, 3))
+    stage, models, settings = helper.STAGES[4], inference.Models(net), inference.Settings(SIZE_P, SUB, 1)
+    mask = _plain_maps(helper.STAGES[1], inference.Models(coarse), image, settings)["global"] != 0
+    box, _ = foreground_box(mask, SIZE_P)
+    assert box is not None and box.area < size[0] * size[1] / 2
+    expected = torch.zeros(size, dtype=torch.int64)
+    expected[box.y0 : box.y1, box.x0 : box.x1] = _plain_maps(stage, models, image.crop(tuple(box)), settings)["local"]
+    prediction = inference.CoarseToFine(coarse, SIZE_G).predict(
+        stage, models, inference.ImagePixels(v["image"]), v["image_global"][None], size, settings, stage.outputs)
+    got = _collect(prediction.strips, size, stage.outputs)["local"]
+    assert torch.equal(got, expected)
+    assert len(torch.unique(got[box.y0 : box.y1, box.x0 : box.x1])) > 1
