@@ -26,10 +26,11 @@ def stage_mode(text: str) -> int:
     """argparse type of --mode: a stage's number or name (helper.STAGES) -> its number."""
     import helper
 
-    try:
-        return helper.stage_mode(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    for mode, stage in helper.STAGES.items():
+        if text.strip() in (str(mode), stage.name):
+            return mode
+    raise argparse.ArgumentTypeError(f"{text!r} is no stage: choose " +
+                                     ", ".join(f"{m} or {s.name}" for m, s in helper.STAGES.items()))
 
 
 def mode_help() -> str:

@@ -35,6 +35,7 @@ from utils.labels import mean_iou
 from utils.lr_scheduler import poly_lr, set_lr
 from utils.metrics import ChallengeScore, ConfusionMatrix
 from utils import dist
+from utils.amp import autocast
 from utils.dist import SINGLE, Processes
 from utils.run import GracefulStop, Interrupted, RunFiles, RunLog, first_nonfinite, restore_training, save_epoch, worker_init
 
@@ -149,7 +150,7 @@ def train_one_epoch(
     for i, batch in enumerate(bar):
         lr = poly_lr(cfg.base_lr, epoch, i, iters, cfg.num_epochs)
         set_lr(optimizer, lr)
-        with helper.autocast(cfg.device, cfg.amp):
+        with autocast(cfg.device, cfg.amp):
             sums = accumulate(step, batch, cms, forward)
         loss = float(sums["loss"])
         bad = not math.isfinite(loss)
@@ -267,7 +268,7 @@ def _score_image(cfg: helper.Config, models: inference.Models, settings: inferen
     maps = {name: torch.empty((h, w), dtype=torch.uint8) for name in keep}
     per_image = {name: ConfusionMatrix(cm.n_class, device, cm.miou_classes) for name, cm in (cms or {}).items()
                  if cm.challenge is not None}
-    with helper.autocast(device, cfg.amp):
+    with autocast(device, cfg.amp):
         prediction = predictor.predict(cfg.stage, models, pixels, image_global, (h, w), settings, cfg.stage.outputs)
         for strip in prediction.strips:
             rows = slice(strip.top, strip.top + strip.classes.shape[0])

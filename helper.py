@@ -4,7 +4,7 @@ mode 1: global branch alone; mode 2 (global2local): local branch trained with th
 frozen global branch; mode 3 (local2global): global branch retrained with the
 frozen local branch and a frozen global model for the local branch's context;
 mode 4 (local): the paper's "local only" baseline, a ResNet-50 with a plain FPN on
-patches (models.glnet.LocalOnly). `--mode` takes a stage's number or its name.
+patches (models.glnet.LocalOnly). `--mode` takes a stage's number or its name (cli.py).
 
 `STAGES` (at the end of this file) is the one place that says what each mode does:
 what it trains and outputs, its defaults, which checkpoint feeds which part, its
@@ -16,7 +16,6 @@ from the decoded uint8 image and run in sub-batches.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -96,16 +95,6 @@ def set_train_mode(model: GLNet, stage: Stage) -> None:
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=5e-4)
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str | None):
-    """torch.autocast for --amp bf16/fp16, or nothing (fp32, the default)."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 @dataclass(frozen=True)
@@ -323,7 +312,8 @@ def _losses_local2global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
     grads = _GradSum([ps3_g, conv.weight, conv.bias])
     total, focal_ens = loss_g.detach().clone(), torch.zeros((), device=cfg.device)
     for b, (image, grid) in enumerate(zip(images, grids)):
-        ps3_local = _ps3_kept(kept.pop(b), grid, cfg.sub_batch) if keep[b] else \
+        ps3 = kept.pop(b) if keep[b] else None
+        ps3_local = ((index, ps3[index]) for index in sub_batches(len(grid), cfg.sub_batch)) if keep[b] else \
             _ps3_again(step, ig[b : b + 1], image, grid)
         for (index, ps3_l), y in zip(ps3_local, targets[b]):
             ens = local2global_ensemble(model, ps3_g[b : b + 1], grid, index, ps3_local=step.to_device(ps3_l))
@@ -360,11 +350,6 @@ def _local_pass(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor
             outputs.append(torch.cat(logits).to(store))
         context = canvases.finish(template)
     return context, torch.cat(outputs), torch.cat(kept) if keep_ps3 else None
-
-
-def _ps3_kept(ps3: torch.Tensor, grid: PatchGrid, sub_batch: int):
-    for index in sub_batches(len(grid), sub_batch):
-        yield index, ps3[index]
 
 
 def _ps3_again(step: TrainStep, image_global: torch.Tensor, image: torch.Tensor, grid: PatchGrid):
@@ -410,11 +395,3 @@ STAGES: dict[int, Stage] = {
     ),
 }
 
-
-def stage_mode(text: str) -> int:
-    """A --mode value, a stage's number or name ("2", "global2local"), as the number."""
-    for mode, stage in STAGES.items():
-        if text.strip() in (str(mode), stage.name):
-            return mode
-    names = ", ".join(f"{m} or {s.name}" for m, s in STAGES.items())
-    raise ValueError(f"{text!r} is no stage: choose {names}")

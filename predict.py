@@ -262,15 +262,15 @@ def _predict_into(src, args, stage, models, predictor, device, spools):
     box or None)."""
     import torch
 
-    import helper
     import inference
+    from utils.amp import autocast
 
     settings = inference.Settings.for_device(device, args.size_p, args.sub_batch_size, tta=args.tta,
                                              confidence="confidence" in spools, exact_coverage=src.faithful,
                                              spill_dir=args.out)
     pixels = inference.SourcePixels(src, args.size_p, device, None if args.no_progress else os.path.basename(src.path))
     image_global = src.image_global[None].to(device)
-    with helper.autocast(device, args.amp):
+    with autocast(device, args.amp):
         prediction = predictor.predict(stage, models, pixels, image_global, (src.height, src.width), settings,
                                        (stage.main_output,))
         for strip in prediction.strips:

@@ -231,10 +231,10 @@ def setup_torch(device_name: str | None, threads: int | None):
 
 
 def autocast(device, precision: str):
-    """The runs' own autocast (helper.autocast, as --amp) for a benchmark's --precision."""
-    import helper
+    """The runs' own autocast (utils.amp.autocast, as --amp) for a benchmark's --precision."""
+    from utils.amp import autocast as amp_autocast
 
-    return helper.autocast(device, None if precision == "fp32" else precision)
+    return amp_autocast(device, None if precision == "fp32" else precision)
 
 
 def synchronize(device) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import engine
 import helper
 import inference
@@ -197,8 +198,8 @@ def test_stage_names_and_numbers():
     import predict
     import train_deep_globe
 
-    assert [helper.stage_mode(t) for t in ("global", "global2local", "local2global", "local")] == [1, 2, 3, 4]
-    assert [helper.stage_mode(t) for t in ("1", "2", "3", "4")] == [1, 2, 3, 4]
+    assert [cli.stage_mode(t) for t in ("global", "global2local", "local2global", "local")] == [1, 2, 3, 4]
+    assert [cli.stage_mode(t) for t in ("1", "2", "3", "4")] == [1, 2, 3, 4]
     assert train_deep_globe.get_parser().parse_args(["--mode", "local2global"]).mode == 3
     assert train_deep_globe.get_parser().parse_args(["--mode", "2"]).mode == 2
     assert predict.get_parser().parse_args(["--out", "o", "--mode", "local"]).mode == 4

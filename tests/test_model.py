@@ -7,6 +7,7 @@ import torch
 import helper
 import inference
 from models import GLNet
+from utils import amp
 from models.glnet import (
     LocalCanvases, Maps, ensemble_local_half, ensemble_with_global, global2local, local2global_ensemble,
 )
@@ -438,7 +439,7 @@ def test_bf16_autocast_runs_and_mostly_agrees(model):
     image, ig = _image(160, 160), torch.rand(1, 3, 64, 64)
     models, settings = inference.Models(model, frozen), inference.Settings(128, 4, 1)
     ref = inference.predict(helper.STAGES[3], models, inference.ImagePixels(image), ig, settings)
-    with helper.autocast(torch.device("cpu"), "bf16"):
+    with amp.autocast(torch.device("cpu"), "bf16"):
         low = inference.predict(helper.STAGES[3], models, inference.ImagePixels(image), ig, settings)
     for name in ("global", "local", "aggregated"):
         assert low[name].shape == ref[name].shape
