@@ -155,8 +155,10 @@ def main(argv=None) -> int:
     columns = [("model", "model"), ("lesion IoU", "lesion_iou"), ("mIoU", "miou"), ("challenge", "challenge_score"),
                ("eval s/image", "s_per_image"), ("eval peak RSS MiB", "peak_rss_mib"), ("training s", "train_s")]
     print(B.format_table(rows, columns))
-    record = {**B.machine_info(torch.device("cpu")), "command": B.command_line(), "date": B.now(), "args": vars(args), "rows": rows}
-    B.append_jsonl(args.results, record)
+    B.append_jsonl(args.results, {
+        "benchmark": "coarse_to_fine", "date": B.now(), "command": B.command_line(),
+        "machine": B.machine_info(torch.device("cpu")), "config": vars(args), "results": rows,
+    })
     print(f"appended to {args.results}")
     return 0
 

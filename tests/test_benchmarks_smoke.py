@@ -96,3 +96,8 @@ def test_train_modes_1_and_3(tmp_path):
                     "cuda_max_allocated_mib", "trainable_params"):
             assert key in res
         assert res["seconds_per_iter"] > 0 and len(res["per_iter_seconds"]) == 1
+
+
+def test_coarse_to_fine_help():
+    out = _run("bench_coarse_to_fine.py", "--help")
+    assert "--epochs_fine" in out and "--epochs_global" in out and "--results" in out
