@@ -302,6 +302,12 @@ def prepare_items(title: str, items: Sequence[Item], lists: Dict[str, List[str]]
     if stale:
         extra.append(f"removed {stale} temp files left by an interrupted run")
     print("\n".join(summary(title, outcomes, lists, foreground, lists_at, extra)))
+    return finish(outcomes, data_path)
+
+
+def finish(outcomes, data_path: Path) -> int:
+    """The end of a preparation, after its summary: the first failed image's error as a
+    UserError (saying how many failed), else a 'done' line and 0."""
     failed = [o for o in outcomes if o.error]
     if failed:
         more = f" ({len(failed)} images failed; the others are done, a re-run skips them)" if len(failed) > 1 else ""

@@ -40,7 +40,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dataset.classes import URUR
 from dataset.prepare_binary import (
-    BadFile, Item, add_output_args, check_data_path, check_strays, header_size, make_output_folders, run_items,
+    BadFile, Item, add_output_args, check_data_path, check_strays, finish, header_size, make_output_folders, run_items,
     source_stamp,
 )
 from utils.errors import UserError, run_main
@@ -288,12 +288,7 @@ def prepare(args: argparse.Namespace) -> int:
         notes.append(f"removed {stale} temp files left by an interrupted run")
     outcomes = run_items(items, args.workers, "prepare URUR", job=convert)
     print("\n".join(summary(tree, outcomes, counts, notes)))
-    failed = [o for o in outcomes if o.error]
-    if failed:
-        more = f" ({len(failed)} images failed; the others are done, a re-run skips them)" if len(failed) > 1 else ""
-        raise UserError(failed[0].error + more)
-    print(f"done: {len(outcomes)} images in {data_path}")
-    return 0
+    return finish(outcomes, data_path)
 
 
 def main(argv=None) -> int:
