@@ -120,8 +120,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         f"{'--test' if args.test else '--predictions_dir'}")
     if args.resume and args.evaluation:
         raise UserError("--resume continues a training run; leave it out with --evaluation/--test")
-    if args.coarse_to_fine and not args.evaluation:
-        raise UserError("--coarse_to_fine predicts with --evaluation/--test (or predict.py); leave it out for training")
+    if (args.coarse_to_fine or args.path_coarse) and not args.evaluation:
+        flag = "--coarse_to_fine" if args.coarse_to_fine else "--path_coarse"
+        raise UserError(f"{flag} predicts with --evaluation/--test (or predict.py); leave it out for training")
     if args.coarse_to_fine and args.crop_foreground:
         raise UserError("--crop_foreground (boxes of the labels) and --coarse_to_fine (boxes of the coarse model's "
                         "prediction) exclude each other; leave one out")

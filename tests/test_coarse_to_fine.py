@@ -368,7 +368,11 @@ def test_one_line_errors(program, argv, words, data, checkpoints, cli, tmp_path)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing predicted
 
 
-def test_training_refuses_coarse_to_fine(data, checkpoints, cli, tmp_path):
+@pytest.mark.parametrize("argv, flag", [
+    (["--coarse_to_fine", "--path_coarse", "coarse.pth"], "--coarse_to_fine"),
+    (["--path_coarse", "coarse.pth"], "--path_coarse"),  # not silently ignored by a training run
+])
+def test_training_refuses_coarse_to_fine(argv, flag, data, checkpoints, cli, tmp_path):
     rc, _, err = cli("--data_path", data, "--log_path", tmp_path / "runs", "--mode", 1, "--num_workers", 0,
-                     "--coarse_to_fine", "--path_coarse", "coarse.pth", *checkpoints)
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--coarse_to_fine predicts with --evaluation" in err
+                     *argv, *checkpoints)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and f"{flag} predicts with --evaluation" in err
