@@ -234,23 +234,11 @@ class FPNLocal(_FPNBase):
         return self._run(c, glob, "", policy)
 
 
-class PlainFPN(_FPNBase):
-    """The FPN without context (section 9, "local only"): the plain global FPN's layers and
-    names (toplayer .. smooth4_2, classify), sized for one branch's own maps alone."""
-
-    def __init__(self, n_class: int) -> None:
-        super().__init__()
-        self._make_layers(n_class, fold=1, suffix="", with_classify=True)
-        self._init_weights()
-
-    def forward(self, c: list, policy=KEEP_MAPS) -> Maps:
-        return self._run(c, None, "", policy)
-
-
 class LocalOnly(nn.Module):
     """The paper's "local only" baseline (section 9; `--mode local`): a ResNet-50 with a plain
     FPN on full-resolution patches, no global branch. Checkpoint keys `resnet_local.*` and
-    `fpn_local.*` (the plain FPN's names), so that no file of another stage fits it."""
+    `fpn_local.*`: its FPN is the plain global FPN (`FPNGlobal(context=False)`, sized for one
+    branch's own maps alone) under the local name, so that no file of another stage fits it."""
 
     title = "the local-only network"  # how checkpoint errors name it
 
@@ -258,7 +246,7 @@ class LocalOnly(nn.Module):
         super().__init__()
         self.n_class = n_class
         self.resnet_local = ResNet50Features()
-        self.fpn_local = PlainFPN(n_class)
+        self.fpn_local = FPNGlobal(n_class, context=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """Class logits (n, C, p/4, p/4) of patches (n, 3, p, p)."""
@@ -270,7 +258,7 @@ class LocalOnly(nn.Module):
         same values as `forward`, up to the float rounding of the kernel picked."""
         step = backbone_batch or len(patches)
         for start in range(0, len(patches), step):
-            yield self.fpn_local(list(self.resnet_local(patches[start : start + step])), FreeMaps()).output
+            yield self.fpn_local(list(self.resnet_local(patches[start : start + step])), policy=FreeMaps()).output
 
 
 class _Crops:
