@@ -72,14 +72,18 @@ def new_model(n_class: int, stage, evaluation: bool) -> GLNet | LocalOnly:
     return GLNet(n_class)
 
 
+def _frozen_plain_global(n_class: int) -> GLNet:
+    """The plain global network alone, frozen and in eval mode, random weights: what mode 3's
+    frozen global model and the coarse model of --coarse_to_fine are built as."""
+    model = GLNet(n_class, local=False, context=False)
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def new_frozen(n_class: int, stage) -> GLNet | None:
     """Mode 3's frozen global model with random weights, frozen and in eval mode (None for
     the other stages): only its plain global network is used (section 5)."""
-    if stage.frozen_from is None:
-        return None
-    frozen = GLNet(n_class, local=False, context=False)
-    frozen.requires_grad_(False)
-    return frozen.eval()
+    return None if stage.frozen_from is None else _frozen_plain_global(n_class)
 
 
 def random_models(n_class: int, stage, device: torch.device, evaluation: bool, seed: int = 0):
@@ -148,13 +152,12 @@ def build_coarse(args, device: torch.device) -> GLNet:
     """The coarse model of --coarse_to_fine: --path_coarse loaded as mode-1 evaluation loads
     --path_g (the plain global network, on the meta device, the file's tensors assigned)."""
     with torch.device("meta"):
-        coarse = GLNet(args.n_class, local=False, context=False)
+        coarse = _frozen_plain_global(args.n_class)
     try:
         load_checkpoint(coarse, checkpoint_path(args, "path_coarse"), all_keys, assign=True)
     except UserError as e:
         raise UserError(f"--path_coarse: {e}; {COARSE_HINT}") from e
-    coarse.requires_grad_(False)
-    return coarse.to(device).eval()
+    return coarse.to(device)
 
 
 def tune_for_device(models, device: torch.device, compile_: bool = False, compile_backend: str = "inductor") -> None:
