@@ -22,6 +22,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _stage_choices() -> str:
+    """'1 or global, 2 or global2local, ...': the stages of helper.STAGES by number and name."""
+    import helper
+
+    return ", ".join(f"{m} or {s.name}" for m, s in helper.STAGES.items())
+
+
 def stage_mode(text: str) -> int:
     """argparse type of --mode: a stage's number or name (helper.STAGES) -> its number."""
     import helper
@@ -29,15 +36,12 @@ def stage_mode(text: str) -> int:
     for mode, stage in helper.STAGES.items():
         if text.strip() in (str(mode), stage.name):
             return mode
-    raise argparse.ArgumentTypeError(f"{text!r} is no stage: choose " +
-                                     ", ".join(f"{m} or {s.name}" for m, s in helper.STAGES.items()))
+    raise argparse.ArgumentTypeError(f"{text!r} is no stage: choose {_stage_choices()}")
 
 
 def mode_help() -> str:
     """--mode's help: the stages by number and name."""
-    import helper
-
-    return "the stage, by number or name: " + ", ".join(f"{m} or {s.name}" for m, s in helper.STAGES.items())
+    return "the stage, by number or name: " + _stage_choices()
 
 
 def get_device(name: str | None):
