@@ -201,19 +201,24 @@ def _losses_global(step: TrainStep, batch: dict[str, Any]) -> StepResult:
                       [("global", lg, out.detach().argmax(1))])
 
 
+def _image_patches(step: TrainStep, image: torch.Tensor, label: torch.Tensor):
+    """One training image's patches, a sub-batch at a time, with their labels at 1/4:
+    (grid, index, patches, labels)."""
+    image, label = step.to_device(image), step.to_device(label)
+    grid = PatchGrid.for_size(*image.shape[-2:], step.cfg.size_p)
+    for index, patches in patch_batches(image, grid, step.cfg.sub_batch):
+        yield grid, index, patches, patch_labels(label, grid, index)
+
+
 def _micro_global2local(step: TrainStep, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Mode 2: one micro-batch per sub-batch of patches, with its image's global maps
     (computed once per image, without grad). Gradients accumulate over all of them."""
-    cfg = step.cfg
     ig = step.to_device(batch["image_global"])
     for b, image in enumerate(batch["image"]):
-        image, label = step.to_device(image), step.to_device(batch["label"][b])
-        grid = PatchGrid.for_size(*image.shape[-2:], cfg.size_p)
         with torch.no_grad():
             glob = step.model.global_maps(ig[b : b + 1])
         scored = [("global", step.to_device(batch["label_global"][b]), glob.output.argmax(1))]
-        for index, patches in patch_batches(image, grid, cfg.sub_batch):
-            labels = patch_labels(label, grid, index)
+        for grid, index, patches, labels in _image_patches(step, image, batch["label"][b]):
             yield {"glob": glob, "grid": grid, "index": index, "patches": patches, "labels": labels, "scored": scored}
             scored = []
 
@@ -232,12 +237,9 @@ def _losses_global2local(step: TrainStep, m: dict[str, Any]) -> StepResult:
 def _micro_local(step: TrainStep, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Local only: one micro-batch per sub-batch of patches of each image, as mode 2's
     without the global maps. Gradients accumulate over all of them."""
-    cfg = step.cfg
     for b, image in enumerate(batch["image"]):
-        image, label = step.to_device(image), step.to_device(batch["label"][b])
-        grid = PatchGrid.for_size(*image.shape[-2:], cfg.size_p)
-        for index, patches in patch_batches(image, grid, cfg.sub_batch):
-            yield {"patches": patches, "labels": patch_labels(label, grid, index)}
+        for _, _, patches, labels in _image_patches(step, image, batch["label"][b]):
+            yield {"patches": patches, "labels": labels}
 
 
 def _losses_local(step: TrainStep, m: dict[str, Any]) -> StepResult:
