@@ -199,14 +199,24 @@ def read_binary_mask(path: Path) -> np.ndarray:
     return values >> 7  # uint8: 255 -> 1
 
 
-def existing_label(dst: Path, size: Tuple[int, int], stamp: str) -> Optional[int]:
-    """The foreground count of a label this tool wrote from the same raw mask, else None."""
+def stored_text(dst: Path, size: Tuple[int, int], key_source: str, stamp: str, key: str) -> Optional[str]:
+    """The text chunk `key` of `dst` when it is an 'L' PNG of `size` written from the raw file
+    `stamp` names (its chunk `key_source`), else None (absent, unreadable, foreign, stale)."""
     try:
         with Image.open(dst) as im:
-            if im.format != "PNG" or im.mode != "L" or im.size != size or im.info.get(KEY_SOURCE) != stamp:
+            if im.format != "PNG" or im.mode != "L" or im.size != size or im.info.get(key_source) != stamp:
                 return None
-            return int(im.info[KEY_FOREGROUND])
-    except (OSError, KeyError, ValueError):  # absent, unreadable, foreign
+            return im.info.get(key)
+    except OSError:
+        return None
+
+
+def existing_label(dst: Path, size: Tuple[int, int], stamp: str) -> Optional[int]:
+    """The foreground count of a label this tool wrote from the same raw mask, else None."""
+    text = stored_text(dst, size, KEY_SOURCE, stamp, KEY_FOREGROUND)
+    try:
+        return None if text is None else int(text)
+    except ValueError:  # foreign
         return None
 
 

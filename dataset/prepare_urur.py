@@ -41,7 +41,7 @@ from PIL.PngImagePlugin import PngInfo
 from dataset.classes import URUR
 from dataset.prepare_binary import (
     BadFile, Item, add_output_args, check_data_path, check_strays, finish, header_size, make_output_folders, run_items,
-    source_stamp,
+    source_stamp, stored_text,
 )
 from utils.errors import UserError, run_main
 from utils.io import place_copy, save_png
@@ -188,14 +188,12 @@ def read_label(path: Path) -> Tuple[np.ndarray, str]:
 
 def existing_label(dst: Path, size: Tuple[int, int], stamp: str) -> Optional[List[int]]:
     """The class pixel counts of a label this tool wrote from the same raw label, else None."""
+    text = stored_text(dst, size, KEY_SOURCE, stamp, KEY_COUNTS)
     try:
-        with Image.open(dst) as im:
-            if im.format != "PNG" or im.mode != "L" or im.size != size or im.info.get(KEY_SOURCE) != stamp:
-                return None
-            counts = [int(v) for v in im.info[KEY_COUNTS].split()]
-    except (OSError, KeyError, ValueError):  # absent, unreadable, foreign
+        counts = None if text is None else [int(v) for v in text.split()]
+    except ValueError:  # foreign
         return None
-    return counts if len(counts) == URUR.n_class else None
+    return counts if counts is not None and len(counts) == URUR.n_class else None
 
 
 def convert(item: Item) -> Outcome:
