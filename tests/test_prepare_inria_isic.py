@@ -427,10 +427,10 @@ def test_isic_bad_mask_value_and_missing_mask_are_one_line(isic_raw, tmp_path, c
 # ---------------------------------------------------------------------------- the three stages
 
 
-def stages(cli, data, root, dataset, n_test):
+def run_stages(cli, data, root, dataset):
     """`--dataset <dataset>` through modes 1, 2, 3 (1 epoch each) and the evaluation of mode 3
-    on the test split with its predictions, at 64 px; returns the metrics and the predictions
-    folder."""
+    (task "ev") on the test split with its predictions, at 64 px, each run checked to exit 0;
+    returns the logs folder, the predictions folder and what the evaluation printed."""
     models, logs, preds = root / "models", root / "runs", root / "preds"
     common = ["--dataset", dataset, "--data_path", data, "--model_path", models, "--log_path", logs,
               "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu",
@@ -441,6 +441,13 @@ def stages(cli, data, root, dataset, n_test):
                   ["--mode", 3, "--task_name", "ev", "--evaluation", "--split", "test", "--predictions_dir", preds]):
         rc, out, err = cli(*common, *extra)
         assert rc == 0, f"{extra}: {err[-2000:]}\n{out[-2000:]}"
+    return logs, preds, out
+
+
+def stages(cli, data, root, dataset, n_test):
+    """`run_stages`, then the evaluation's metrics and files checked for a 2-class data set;
+    returns the metrics and the predictions folder."""
+    logs, preds, _ = run_stages(cli, data, root, dataset)
     metrics = json.loads((logs / "ev.test.metrics.json").read_text())
     assert len(list(preds.iterdir())) == n_test
     for name in ("global", "local", "aggregated"):

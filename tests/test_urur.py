@@ -14,7 +14,7 @@ from dataset import prepare_urur
 from dataset.classes import DEEPGLOBE, URUR
 from dataset.presets import PRESETS
 from engine import format_table, metrics_dict
-from test_prepare_inria_isic import colours, files, one_error_line, rgb, states
+from test_prepare_inria_isic import colours, files, one_error_line, rgb, run_stages, states
 from utils.metrics import ConfusionMatrix
 
 # the release's classes in label order with their colours (the URUR README)
@@ -209,16 +209,7 @@ def stages(cli, data: Path, root: Path):
     """--dataset urur through modes 1, 2, 3 (1 epoch each, 64 px) and the evaluation of mode 3
     on the test split with its predictions; returns the metrics, the printed evaluation and
     the predictions folder."""
-    models, logs, preds = root / "models", root / "runs", root / "preds"
-    common = ["--dataset", "urur", "--data_path", data, "--model_path", models, "--log_path", logs,
-              "--backbone_weights", "none", "--num_workers", 0, "--no_progress", "--device", "cpu",
-              "--size_g", 64, "--size_p", 64, "--batch_size", 2, "--sub_batch_size", 4, "--num_epochs", 1,
-              "--path_g", "g.pth", "--path_g2l", "g2l.pth", "--path_l2g", "l2g.pth"]
-    for extra in (["--mode", 1, "--task_name", "g"], ["--mode", 2, "--task_name", "g2l"],
-                  ["--mode", 3, "--task_name", "l2g"],
-                  ["--mode", 3, "--task_name", "ev", "--evaluation", "--split", "test", "--predictions_dir", preds]):
-        rc, out, err = cli(*common, *extra)
-        assert rc == 0, f"{extra}: {err[-2000:]}\n{out[-2000:]}"
+    logs, preds, out = run_stages(cli, data, root, "urur")
     assert json.loads((logs / "g.train.args.json").read_text())["n_class"] == 8
     return json.loads((logs / "ev.test.metrics.json").read_text()), out, preds
 
