@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import os
+import shutil
 import sys
 
 import pytest
@@ -17,6 +18,22 @@ if ROOT not in sys.path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """mktemp(name) -> a new folder for a module-scoped fixture; every folder made through it
+    is deleted when the module's last test is done (checkpoints are 300 MB each: kept to the
+    end of the run, they would fill the disk)."""
+    made = []
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

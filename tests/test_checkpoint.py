@@ -8,10 +8,10 @@ from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(module_tmp):
     torch.manual_seed(3)
     m = GLNet(7)
-    path = tmp_path_factory.mktemp("ckpt") / "g.pth"
+    path = module_tmp("ckpt") / "g.pth"
     save_state_dict(m, str(path))
     return m, path
 

@@ -6,7 +6,6 @@ image, `utils.boxes.foreground_box` on the whole coarse mask, boxes and outlines
 import contextlib
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -210,10 +209,10 @@ def _largest(data):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, data):
+def checkpoints(module_tmp, data):
     """Fine-stage checkpoints of 7 classes; coarse.pth: a mode-1 model whose foreground is one
     cell of the largest image's global view; empty.pth: one with no foreground at all."""
-    root = tmp_path_factory.mktemp("c2f_models")
+    root = module_tmp("c2f_models")
     for seed, name in enumerate(("g.pth", "g2l.pth", "l2g.pth")):
         save_state_dict(_random_model(seed, 7), str(root / name))
     with Image.open(_largest(data)) as im:

@@ -322,12 +322,12 @@ def _balanced_copy(path, out, folder):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(module_tmp):
     """--mode local training (with --crop_foreground) on a 2-class folder data set, then
     evaluation of its checkpoint with and without the crop, and predict.py."""
     from conftest import run_cli
 
-    root = tmp_path_factory.mktemp("local")
+    root = module_tmp("local")
     data = root / "data"
     _images(data, "train", 2, (112, 96), 0)
     _images(data, "crossvali", 2, (96, 120), 1)

@@ -171,7 +171,6 @@ def test_deepglobe_table_keeps_its_raw_values_and_decoding():
 
 # ----------------------------------------------------------------------------- masks through the table
 
-from dataset.classes import class_table  # noqa: E402
 from dataset.deep_globe import collate, read_label  # noqa: E402
 from utils.metrics import ConfusionMatrix  # noqa: E402
 

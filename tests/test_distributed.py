@@ -176,9 +176,9 @@ def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py", env=None):
 
 
 @pytest.fixture(scope="module")
-def torchrun_runs(synthetic_data, tmp_path_factory):
+def torchrun_runs(synthetic_data, module_tmp):
     data, _ = synthetic_data(n_train=2, n_val=3, n_test=0, size=160, seed=8)
-    root = tmp_path_factory.mktemp("torchrun")
+    root = module_tmp("torchrun")
     common = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", 1,
               "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
               "--num_workers", 0, "--path_g", "g.pth"]
@@ -190,9 +190,7 @@ def torchrun_runs(synthetic_data, tmp_path_factory):
 
     single = run_cli(*common, "--task_name", "ev1", "--evaluation", "--predictions_dir", root / "p1")
     assert single[0] == 0, single[2]
-    yield {"root": root, "train": train, "evaluation": evaluation}
-    for p in (root / "models").glob("*.pth"):
-        p.unlink()
+    return {"root": root, "train": train, "evaluation": evaluation}
 
 
 def test_torchrun_training_writes_its_files_once(torchrun_runs):

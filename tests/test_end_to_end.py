@@ -36,10 +36,10 @@ def _part(key):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synthetic_data, cli):
+def run(module_tmp, synthetic_data, cli):
     """The whole pipeline, once; each test below checks one aspect of what it left behind
     (the fixture itself checks that every run exits 0)."""
-    root = tmp_path_factory.mktemp("e2e")
+    root = module_tmp("e2e")
     models, logs, preds = root / "models", root / "runs", root / "preds"
     data, summary = synthetic_data(n_train=2, n_val=2, n_test=1, sizes=SIZES, seed=5)
     common = [

@@ -89,7 +89,7 @@ def models():
 
 def _batch(sizes, seed):
     g = torch.Generator().manual_seed(seed)
-    images, labels, padded = [], [], []
+    images, labels = [], []
     for h, w in sizes:
         ph, pw = max(h, 128), max(w, 128)
         image = torch.zeros(3, ph, pw, dtype=torch.uint8)

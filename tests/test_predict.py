@@ -45,8 +45,8 @@ def _random_model(seed: int, n_class: int = 7) -> GLNet:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict_models")
+def checkpoints(module_tmp):
+    root = module_tmp("predict_models")
     for seed, name in enumerate(("g.pth", "g2l.pth", "l2g.pth")):
         save_state_dict(_random_model(seed), str(root / name))
     return ["--model_path", root, "--path_g", "g.pth", "--path_g2l", "g2l.pth", "--path_l2g", "l2g.pth",

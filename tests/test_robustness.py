@@ -160,14 +160,13 @@ def data(synthetic_data):
 
 
 @pytest.fixture(scope="module")
-def full_checkpoint(tmp_path_factory):
+def full_checkpoint(module_tmp):
     """A complete 7-class GLNet checkpoint in the authors' format."""
     from models import GLNet
 
-    path = tmp_path_factory.mktemp("ckpt") / "full.pth"
+    path = module_tmp("ckpt") / "full.pth"
     save_state_dict(GLNet(7), str(path))
-    yield path
-    path.unlink()
+    return path
 
 
 def _run_args(data, root, *extra):
@@ -178,11 +177,11 @@ def _run_args(data, root, *extra):
 # ----------------------------------------------------------------------------- resume
 
 @pytest.fixture(scope="module")
-def chain(data, tmp_path_factory):
+def chain(data, module_tmp):
     """A: 2 epochs straight. B: the same run killed (-9) while writing epoch 2's checkpoint,
     resumed and interrupted by SIGINT in its first iteration, then continued with the command
     it printed. batch_size 1: 2 iterations per epoch, so the shuffled order matters."""
-    tmp = tmp_path_factory.mktemp("chain")
+    tmp = module_tmp("chain")
     a, b = tmp / "a", tmp / "b"
     res = {"a": a, "b": b}
     res["A"] = _finish(_spawn(_run_args(data, a, "--batch_size", 1, "--num_epochs", 2, "--num_workers", 0)))
@@ -222,7 +221,6 @@ def chain(data, tmp_path_factory):
 
 def test_kill_during_checkpoint_write_keeps_previous_file(chain):
     rc, out, err = chain["B1"]
-    models = chain["b"] / "models"
     assert rc == -signal.SIGKILL, err[-2000:]
     assert "epoch 1/2" in out and "epoch 2/2" not in out
     # The final names hold complete files of epoch 1; the half-written one is a temp file.
@@ -539,8 +537,7 @@ def test_corrupt_image_is_found_before_training(tmp_path, bad_data):
 def test_label_value_out_of_range_in_a_worker(tmp_path, bad_data):
     """Found by the loader in a worker process: still one clean line."""
     _write_pair(bad_data / "train", "train1", label=np.full((96, 96), 9, np.uint8))
-    err = _assert_one_error_line(_bad(tmp_path, bad_data, workers=2), "train1_mask.png", "label value 9",
-                                 "--n_class is 7")
+    _assert_one_error_line(_bad(tmp_path, bad_data, workers=2), "train1_mask.png", "label value 9", "--n_class is 7")
     assert not (tmp_path / "m" / "fpn_deepglobe_global.pth").exists()
 
 
@@ -625,8 +622,8 @@ def _with_checkpoints(tmp_path, data, mode, **flags):
 
 
 def test_checkpoint_missing_names_the_flag(tmp_path, data):
-    err = _assert_one_error_line(_with_checkpoints(tmp_path, data, 2, path_g="nope.pth"), "--path_g: checkpoint not found",
-                                 "nope.pth", "--mode 1 training")
+    _assert_one_error_line(_with_checkpoints(tmp_path, data, 2, path_g="nope.pth"), "--path_g: checkpoint not found",
+                           "nope.pth", "--mode 1 training")
 
 
 def test_mode3_without_its_global_checkpoint(tmp_path, data, full_checkpoint):

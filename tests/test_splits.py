@@ -18,11 +18,11 @@ FAST = ["--size_g", 64, "--size_p", 128, "--device", "cpu", "--no_progress", "--
 
 
 @pytest.fixture(scope="module")
-def setup(synthetic_data, tmp_path_factory):
+def setup(synthetic_data, module_tmp):
     """crossvali/ (2 labelled images), test/ = a copy of crossvali/ with its labels, and
     unlabelled/ = the same images without Label/; a random-init global checkpoint."""
     src, _ = synthetic_data(n_train=1, n_val=2, n_test=0, size=160, seed=4)
-    root = tmp_path_factory.mktemp("splits")
+    root = module_tmp("splits")
     data = root / "data"
     shutil.copytree(src / "crossvali", data / "crossvali")
     shutil.copytree(src / "crossvali", data / "test")
@@ -30,8 +30,7 @@ def setup(synthetic_data, tmp_path_factory):
     models = root / "models"
     models.mkdir()
     save_state_dict(GLNet(7, local=False, context=False), str(models / "g.pth"))
-    yield {"data": data, "models": models, "logs": root / "runs", "root": root}
-    (models / "g.pth").unlink()
+    return {"data": data, "models": models, "logs": root / "runs", "root": root}
 
 
 def _eval(setup, cli, *extra):

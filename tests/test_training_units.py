@@ -430,8 +430,8 @@ VIEW_SIZES = [(64, 72), (40, 64), (37, 53), (96, 96)]  # (H, W): larger, shorter
 
 
 @pytest.fixture(scope="module")
-def view_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("views")
+def view_data(module_tmp):
+    root = module_tmp("views")
     generate(root, n_train=4, n_val=0, n_test=0, sizes=VIEW_SIZES, seed=5)
     return root
 
