@@ -327,7 +327,7 @@ def finish(outcomes, data_path: Path) -> int:
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """The flags both preparers share: --data_path (the output) and --workers."""
+    """The flags the Inria, ISIC and URUR preparers share: --data_path (the output) and --workers."""
     parser.add_argument("--data_path", required=True, type=Path, help="output folder")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="worker processes; 1 or less: no pool")

@@ -175,14 +175,22 @@ def _torchrun(*args, nproc=2, script=REPO / "train_deep_globe.py", env=None):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.fixture(scope="module")
-def torchrun_runs(synthetic_data, module_tmp):
+# (--mode, its checkpoint flag, training-only flags): mode 1, and the local-only stage trained
+# on the foreground box
+TORCHRUN_STAGES = {"global": ("1", "--path_g", []), "local": ("local", "--path_local", ["--crop_foreground"])}
+
+
+@pytest.fixture(scope="module", params=sorted(TORCHRUN_STAGES))
+def torchrun_runs(synthetic_data, module_tmp, request):
+    """One stage through the whole command line under torchrun: training, then evaluation by
+    2 processes and by 1."""
+    mode, checkpoint_flag, train_only = TORCHRUN_STAGES[request.param]
     data, _ = synthetic_data(n_train=2, n_val=3, n_test=0, size=160, seed=8)
     root = module_tmp("torchrun")
-    common = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", 1,
+    common = ["--data_path", data, "--model_path", root / "models", "--log_path", root / "runs", "--mode", mode,
               "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress", "--device", "cpu",
-              "--num_workers", 0, "--path_g", "g.pth"]
-    train = _torchrun(*common, "--task_name", "g", "--num_epochs", 1, "--batch_size", 1)
+              "--num_workers", 0, checkpoint_flag, "g.pth"]
+    train = _torchrun(*common, "--task_name", "g", "--num_epochs", 1, "--batch_size", 1, *train_only)
     assert train.returncode == 0, train.stderr[-3000:]
     evaluation = _torchrun(*common, "--task_name", "ev2", "--evaluation", "--predictions_dir", root / "p2")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
@@ -190,7 +198,7 @@ def torchrun_runs(synthetic_data, module_tmp):
 
     single = run_cli(*common, "--task_name", "ev1", "--evaluation", "--predictions_dir", root / "p1")
     assert single[0] == 0, single[2]
-    return {"root": root, "train": train, "evaluation": evaluation}
+    return {"root": root, "train": train, "evaluation": evaluation, "cropped": "--crop_foreground" in train_only}
 
 
 def test_torchrun_training_writes_its_files_once(torchrun_runs):
@@ -201,6 +209,7 @@ def test_torchrun_training_writes_its_files_once(torchrun_runs):
     assert sorted(p.name for p in (root / "models").iterdir()) == ["g.best.pth", "g.pth", "g.resume.pth"]
     args = json.loads((root / "runs" / "g.train.args.json").read_text())
     assert args["processes"] == 2 and args["batch_size"] == 1 and args["global_batch_size"] == 2
+    assert args["crop_foreground"] is torchrun_runs["cropped"]
 
 
 def test_torchrun_evaluation_scores_as_one_process(torchrun_runs):
@@ -213,34 +222,6 @@ def test_torchrun_evaluation_scores_as_one_process(torchrun_runs):
     assert len(names) == 3 and sorted(p.name for p in (root / "p2").iterdir()) == names
     for name in names:
         assert (root / "p1" / name).read_bytes() == (root / "p2" / name).read_bytes(), name
-
-
-def test_torchrun_local_only_stage_trains_and_scores_as_one_process(synthetic_data, tmp_path):
-    """--mode local (with --crop_foreground) through the whole command line under torchrun:
-    training writes its checkpoint and log once, and 2 processes evaluate it as 1 does."""
-    from conftest import run_cli
-
-    data, _ = synthetic_data(n_train=2, n_val=3, n_test=0, size=160, seed=8)
-    common = ["--data_path", data, "--model_path", tmp_path / "models", "--log_path", tmp_path / "runs",
-              "--mode", "local", "--size_g", 64, "--size_p", 128, "--backbone_weights", "none", "--no_progress",
-              "--device", "cpu", "--num_workers", 0, "--path_local", "loc.pth"]
-    train = _torchrun(*common, "--task_name", "loc", "--num_epochs", 1, "--batch_size", 1, "--crop_foreground")
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["loc.best.pth", "loc.pth", "loc.resume.pth"]
-    assert len((tmp_path / "runs" / "loc.log").read_text().splitlines()) == 1
-    args = json.loads((tmp_path / "runs" / "loc.train.args.json").read_text())
-    assert args["processes"] == 2 and args["crop_foreground"] is True
-
-    two = _torchrun(*common, "--task_name", "ev2", "--evaluation", "--predictions_dir", tmp_path / "p2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = run_cli(*common, "--task_name", "ev1", "--evaluation", "--predictions_dir", tmp_path / "p1")
-    assert one[0] == 0, one[2]
-    metrics = [json.loads((tmp_path / "runs" / f"{t}.crossvali.metrics.json").read_text()) for t in ("ev2", "ev1")]
-    assert metrics[0] == metrics[1]
-    names = sorted(p.name for p in (tmp_path / "p1").iterdir())
-    assert len(names) == 3 and sorted(p.name for p in (tmp_path / "p2").iterdir()) == names
-    for name in names:
-        assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / "p2" / name).read_bytes(), name
 
 
 # train_deep_globe.py with one change: the main process sends itself SIGTERM right after it
