@@ -396,4 +396,3 @@ STAGES: dict[int, Stage] = {
         local_only=True,
     ),
 }
-

@@ -24,7 +24,7 @@ from utils.dist import SINGLE, Processes, any_true
 from utils.errors import UserError
 from utils.io import atomic_copy, remove_stale_temps
 
-# --resume takes these from the interrupted run unless given again; the first five shape the
+# --resume takes these from the interrupted run unless given again; ESSENTIAL_ARGS shape the
 # model, the data or the batches, so a different value cannot continue that run.
 ESSENTIAL_ARGS = ("mode", "size_p", "size_g", "n_class", "batch_size", "dataset", "global_view", "crop_foreground")
 RESUMED_ARGS = ESSENTIAL_ARGS + (
